@@ -66,8 +66,9 @@ def test_fit_matches_definition_and_merges():
     from saealign.data import collate_pairs, render_triples
 
     want = torch.zeros(sae_in.d_sae, sae_out.d_sae, dtype=torch.float64)
+    want_repe = torch.zeros(sae_out.d_in, dtype=torch.float64)
     for r in render_triples(tok, triples):
-        dens = {}
+        dens, mean_h = {}, {}
         for which in ("chosen", "rejected"):
             b = collate_pairs([r], tok, which, "right")
             h = read_residuals(model, b["input_ids"], b["attention_mask"], [1, 2])
@@ -75,8 +76,11 @@ def test_fit_matches_definition_and_merges():
             if which == "chosen":
                 g = (sae_in.encode(h[1][0][~resp]) > 0).double().mean(0)
             dens[which] = (sae_out.encode(h[2][0][resp]) > 0).double().mean(0)
+            mean_h[which] = h[2][0][resp].double().mean(0)
         want += torch.outer(g, dens["chosen"] - dens["rejected"])
+        want_repe += mean_h["chosen"] - mean_h["rejected"]
     torch.testing.assert_close(full.a_sum.dense(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(full.repe_vector().double(), want_repe / len(triples), rtol=1e-4, atol=1e-5)
     assert full.count == 10
     a = fit_map(model, tok, sae_in, sae_out, triples[:4], opts, progress=False)
     b = fit_map(model, tok, sae_in, sae_out, triples[4:], opts, progress=False)
@@ -222,3 +226,23 @@ def test_dense_and_sparse_storage_roundtrip(tmp_path):
         loaded = DSPAMap.load(tmp_path / str(density))
         torch.testing.assert_close(loaded.a_sum.dense(), acc.dense())
         assert loaded.count == 4
+        assert loaded.a_sum.is_dense == (density > 0.5)
+
+
+def test_sum_switches_to_dense_and_stays_exact():
+    torch.manual_seed(2)
+    sparse, filling, want = SparseSum(30, 20), SparseSum(30, 20), torch.zeros(30, 20, dtype=torch.float64)
+    for step in range(6):
+        g = torch.relu(torch.randn(3, 30)) * (torch.rand(3, 30) < 0.1)
+        d = torch.randn(3, 20) * (torch.rand(3, 20) < 0.1)
+        sparse.add_outer(g, d)
+        g2, d2 = torch.relu(torch.randn(3, 30)), torch.randn(3, 20)
+        filling.add_outer(g2, d2)
+        filling.coalesce()
+        want += g2.double().T @ d2.double()
+    assert filling.is_dense and not sparse.is_dense
+    torch.testing.assert_close(filling.dense(), want)
+    merged = SparseSum(30, 20)
+    merged += sparse
+    merged += filling
+    torch.testing.assert_close(merged.dense(), want + sparse.dense())

@@ -459,9 +459,19 @@ def restrict(triples: Sequence[PreferenceTriple], n: int, seed: int = 0) -> list
     """
     if not 0 <= n <= len(triples):
         raise ValueError(f"cannot draw {n} of {len(triples)} triples")
-    order = list(range(len(triples)))
+    return [triples[i] for i in sorted(_draw_order(len(triples), seed)[:n])]
+
+
+def _draw_order(size: int, seed: int) -> list[int]:
+    order = list(range(size))
     random.Random(f"restrict/{seed}").shuffle(order)
-    return [triples[i] for i in sorted(order[:n])]
+    return order
+
+
+def in_draw_order(triples: Sequence[PreferenceTriple], seed: int = 0) -> list[PreferenceTriple]:
+    """All triples ordered so that the first n are exactly the set ``restrict(triples, n, seed)``:
+    one pass over this order yields every nested N-restriction as a prefix."""
+    return [triples[i] for i in _draw_order(len(triples), seed)]
 
 
 def sample(triples: Sequence[PreferenceTriple], n: int, seed: int = 0, key: str = "subset") -> list[PreferenceTriple]:

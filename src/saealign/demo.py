@@ -63,7 +63,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     console.print(f"fitting the DSPA map on {len(fit)} triples (forward passes only) ...")
     dspa_map = fit_map(model, tok, sae_in, sae_out, fit, seed=cfg.seed)
     dspa_map.save(Path(cfg.output) / "map")
-    console.print(f"map: {dspa_map.a_sum.values.numel()} non-zero entries, {dspa_map.config['fit_seconds']} s "
+    console.print(f"map: {dspa_map.a_sum.nnz} non-zero entries, {dspa_map.config['fit_seconds']} s "
                   f"-> {Path(cfg.output) / 'map'}")
     steer = DSPA(dspa_map, sae_in, sae_out, SteerConfig(alpha=cfg.alpha, k_prompt=cfg.k_prompt, k_diff=cfg.k_diff, record=True))
 

@@ -12,8 +12,9 @@ re-computation included), then runs the per-layer functions with that `CallConte
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -54,6 +55,11 @@ _LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.m
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks of a causal LM (also through PEFT wrappers)."""
+    return _decoder_layers_at(model)[1]
+
+
+def _decoder_layers_at(model: nn.Module) -> tuple[tuple[nn.Module, str], nn.ModuleList]:
+    """((parent module, attribute name), the ModuleList of decoder blocks)."""
     for path in _LAYER_PATHS:
         obj = model
         for part in path.split("."):
@@ -61,11 +67,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             if obj is None:
                 break
         if isinstance(obj, nn.ModuleList):
-            return obj
+            parent, _, attr = path.rpartition(".")
+            return (model.get_submodule(parent), attr), obj
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n and name.split(".")[-1] in ("layers", "h", "blocks"):
-            return module
+            parent, _, attr = name.rpartition(".")
+            return (model.get_submodule(parent), attr), module
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}; supported: llama, mistral, "
                      "qwen2/3, gemma2/3, gpt2 and models with a `*.layers` ModuleList")
 
@@ -149,6 +157,7 @@ class HookSession:
         self._ctx: CallContext | None = None
         self._prompt_ids: torch.Tensor | None = None
         self._prompt_len = 0
+        self.layers: list[int] = []  # the decoder layers hooked, in order added
         self._handles.append(model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
 
     # -- per-call bookkeeping ------------------------------------------------------------------
@@ -186,6 +195,7 @@ class HookSession:
     # -- hooks -----------------------------------------------------------------------------------
     def add(self, layer: int, fn: LayerFn, positions: PositionSpec = "all", site: Site = "resid_post") -> None:
         module = _check_layer(self.model, layer)
+        self.layers.append(layer)
         if site == "resid_post":
             def post_hook(mod, args, output):
                 hidden = output[0] if isinstance(output, tuple) else output
@@ -269,3 +279,23 @@ def read_residuals(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         except StopForward:
             pass
     return captured
+
+
+@contextmanager
+def resume_from_layer(model: nn.Module, start: int) -> Iterator[None]:
+    """Inside the block, `model(inputs_embeds=h, ...)` runs only decoder blocks `start..L-1` (then the
+    final norm and head) on `h`, the residual entering block `start` (its `resid_pre`).
+
+    This lets many edits at layers >= start be scored from one cached base pass. The model's own forward
+    still builds masks and positions. The block list is swapped for the tail and restored on exit.
+    Hooks must be attached before entering, since layer indices shift inside. The result equals the
+    full forward (a test checks llama, gemma2 and qwen3).
+    """
+    (parent, attr), layers = _decoder_layers_at(model)
+    if not 1 <= start < len(layers):
+        raise ValueError(f"start layer {start} out of range 1..{len(layers) - 1}")
+    setattr(parent, attr, nn.ModuleList(list(layers)[start:]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, layers)

@@ -27,7 +27,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from saealign.eval.generation import Generation, Sampling, generate, render_chat, system_prompt_of
+from saealign.eval.generation import Generation, Sampling, generate, render_chat
+from saealign.steering import system_prompt_of
 
 log = logging.getLogger(__name__)
 

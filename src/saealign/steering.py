@@ -64,7 +64,7 @@ METHOD_KINDS = ("base", "dspa", "static-sae", "repe", "prompt-prefix")
 
 def load_method(spec: str, model=None, **options: Any) -> Intervention | None:
     """A method from a spec string: `base`, `prompt-prefix[:TEXT]`, `dspa:MAP_DIR`, `static-sae:MAP_DIR`,
-    `repe:DIR`, or a bare artifact directory (its kind is read from its config)."""
+    `repe:DIR` (a RepE artifact or a DSPA map directory), or a bare artifact directory (its kind is read from its config)."""
     from saealign.dspa import baselines, steer
 
     kind, _, arg = spec.partition(":")

@@ -22,7 +22,7 @@ console = Console()
 def fit(cfg: DSPAFitConfig) -> None:
     """Fit a DSPA map from preference triples (forward passes only; resumable; works under accelerate launch)."""
     dspa_map = run_fit(cfg)
-    console.print(f"map over {dspa_map.count} triples -> {cfg.output}  (nnz {dspa_map.a_sum.values.numel()}, "
+    console.print(f"map over {dspa_map.count} triples -> {cfg.output}  (nnz {dspa_map.a_sum.nnz}, "
                   f"{dspa_map.config.get('fit_seconds', '?')} s)")
 
 
@@ -45,7 +45,7 @@ def info(map_dir: Path = typer.Argument(..., help="A DSPA map directory."),
 
     m = DSPAMap.load(map_dir)
     cfg = {k: v for k, v in m.config.items() if k not in ("options",)}
-    console.print_json(json.dumps({**cfg, "count": m.count, "nnz": int(m.a_sum.values.numel())}, default=str))
+    console.print_json(json.dumps({**cfg, "count": m.count, "nnz": m.a_sum.nnz}, default=str))
     scores = m.mean_g() @ m.matrix()
     neg = scores.topk(top, largest=False)
     pos = scores.topk(top)

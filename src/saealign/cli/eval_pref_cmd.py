@@ -17,7 +17,7 @@ console = Console()
 class PrefEvalConfig:
     data: str = field(default="", metadata={"help": "Held-out triples: a file, HF name, or HH-RLHF directory (with --data-role)."})
     data_role: str | None = field(default=None, metadata={"help": "Role when --data is an HH-RLHF directory (validation, test_helpful, test_harmless)."})
-    methods: list[str] = field(default_factory=lambda: ["base"], metadata={"help": "Methods: base, prompt-prefix, dspa:MAP, static-sae:MAP, repe:DIR (repeat)."})
+    methods: list[str] = field(default_factory=lambda: ["base"], metadata={"help": "Methods: base, prompt-prefix, dspa:MAP, static-sae:MAP, repe:DIR|MAP (repeat); NAME=SPEC names a column."})
     n: int | None = field(default=None, metadata={"help": "A fixed seeded sample of n triples (stratified by subset)."})
     seed: int = 0
     model: str = "smollm2-135m-instruct"
@@ -47,10 +47,11 @@ def run_pref_eval(cfg: PrefEvalConfig, model=None, tokenizer=None) -> dict:
     triples = sample_pairs(select_triples(cfg.data, cfg.data_role), cfg.n, cfg.seed)
     steer_opts = {k: getattr(cfg, k) for k in ("alpha", "k_prompt", "k_diff", "mode", "threshold") if getattr(cfg, k) is not None}
     methods = {}
-    for spec in cfg.methods:
+    for entry in cfg.methods:
+        name, _, spec = entry.rpartition("=") if "=" in entry.split(":", 1)[0] else ("", "", entry)
         kind = spec.split(":", 1)[0]
         opts = steer_opts if kind in ("dspa", "static-sae") else ({"coef": cfg.coef} if kind == "repe" and cfg.coef is not None else {})
-        methods[spec] = load_method(spec, model=model, **opts)
+        methods[name or spec] = load_method(spec, model=model, **opts)
     result = evaluate_preferences(model, tokenizer, triples, methods, cfg.max_length, cfg.n_boot, cfg.seed)
     result.update({"config": cfg.__dict__, "versions": versions(), "data": {"source": cfg.data, "role": cfg.data_role,
                                                                              "split_seed": 0, "sample_seed": cfg.seed}})

@@ -104,6 +104,14 @@ class RepE:
                   "count": len(rendered), "data_fingerprint": triples_fingerprint(triples)}
         return cls(vector.cpu(), layer, 1.0, config)
 
+    @classmethod
+    def from_map(cls, dspa_map: DSPAMap, coef: float = 1.0) -> "RepE":
+        """The RepE vector at l_out that a DSPA fit accumulates from its own passes (no extra pass)."""
+        config = {"kind": "repe", "saealign_version": __version__, "model": dspa_map.config["model"],
+                  "layer": dspa_map.config["l_out"], "count": dspa_map.count,
+                  "data_fingerprint": dspa_map.config["data_fingerprint"], "from_dspa_map": True}
+        return cls(dspa_map.repe_vector(), dspa_map.config["l_out"], coef, config)
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         save_tensors(path / "repe.safetensors", {"vector": self.vector})
@@ -115,6 +123,11 @@ class RepE:
         from safetensors.torch import load_file
 
         config = read_json(Path(path) / CONFIG)
+        if config.get("kind") == "dspa_map":  # `repe:MAP_DIR`: the vector the DSPA fit accumulated
+            dspa_map = DSPAMap.load(path)
+            dspa_map.check_compatible(model)
+            recommended = dspa_map.config.get("recommended_repe", {}).get("coef", 1.0)
+            return cls.from_map(dspa_map, recommended if coef is None else coef)
         if model is not None and model_id(model) != config["model"]:
             raise ValueError(f"RepE vector was fitted on {config['model']!r}, got model {model_id(model)!r}")
         vector = load_file(str(Path(path) / "repe.safetensors"))["vector"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from saealign.data import select_triples
+from saealign.data import in_draw_order, select_triples
 from saealign.dspa.map import DSPAMap, FitOptions, fit_map, merge_maps
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class DSPAFitConfig:
     batch_size: int = 8
     max_length: int = field(default=1024, metadata={"help": "Tokens per [prompt; response] (prompt end and response start kept)."})
     checkpoint_every: int = field(default=256, metadata={"help": "Triples between resumable checkpoints."})
-    snapshots: list[int] = field(default_factory=list, metadata={"help": "Also save the map over the first n triples (nested N-restrictions)."})
+    snapshots: list[int] = field(default_factory=list, metadata={"help": "Also save the map of the seeded n-draw to OUTPUT/snapshot_n (nested N-restrictions, one pass)."})
     dtype: str | None = None
     device: str | None = None
 
@@ -62,6 +62,8 @@ def run_fit(cfg: DSPAFitConfig, model=None, tokenizer=None) -> DSPAMap:
         model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype)
     sae_in, sae_out = load_sae(cfg.sae_in), load_sae(cfg.sae_out)
     triples = select_triples(cfg.data, cfg.data_role, cfg.n, cfg.seed)
+    if cfg.snapshots:  # snapshot_n = the map of the seeded n-draw (`--n n --seed s`), from the same pass
+        triples = in_draw_order(triples, cfg.seed)
     options = FitOptions(stat=cfg.stat, batch_size=cfg.batch_size, max_length=cfg.max_length)
     out = Path(cfg.output)
     if state.num_processes == 1:

@@ -39,13 +39,16 @@ FORMAT_VERSION = 1
 
 @dataclass
 class SparseSum:
-    """A running sum of outer products `g delta^T`, kept as a coalesced sparse COO tensor."""
+    """A running sum of outer products `g delta^T`: a coalesced sparse COO tensor while that is
+    smaller, one dense float64 accumulator once more than half of the cells are filled (COO costs
+    24 bytes an entry while coalescing, dense 8 a cell)."""
 
     m_in: int
     m_out: int
     indices: torch.Tensor = field(default_factory=lambda: torch.zeros(2, 0, dtype=torch.long))
     values: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     _pending: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+    _dense: torch.Tensor | None = field(default=None, repr=False)
 
     def add_outer(self, g: torch.Tensor, delta: torch.Tensor) -> None:
         """Add sum_b g[b] delta[b]^T, computed only on the active rows/columns of this batch."""
@@ -54,27 +57,49 @@ class SparseSum:
         if rows.numel() == 0 or cols.numel() == 0:
             return
         block = g[:, rows].double().T @ delta[:, cols].double()  # (rows, cols)
+        if self._dense is not None:
+            self._dense[rows.unsqueeze(1), cols.unsqueeze(0)] += block
+            return
         nz = block.nonzero(as_tuple=True)
         self._pending.append((torch.stack([rows[nz[0]], cols[nz[1]]]), block[nz]))
-        if len(self._pending) >= 32:
+        if sum(p[1].numel() for p in self._pending) >= max(self.values.numel(), 1 << 20):
             self.coalesce()
 
     def coalesce(self) -> "SparseSum":
         if self._pending:
             idx = torch.cat([self.indices] + [p[0] for p in self._pending], 1)
             val = torch.cat([self.values] + [p[1] for p in self._pending])
+            self._pending.clear()
             t = torch.sparse_coo_tensor(idx, val, (self.m_in, self.m_out), check_invariants=True).coalesce()
             self.indices, self.values = t.indices(), t.values()
-            self._pending.clear()
+            if 2 * self.values.numel() > self.m_in * self.m_out:
+                self._dense = t.to_dense()
+                self.indices, self.values = self.indices[:, :0], self.values[:0]
         return self
+
+    @property
+    def nnz(self) -> int:
+        self.coalesce()
+        return int(self._dense.count_nonzero()) if self._dense is not None else self.values.numel()
+
+    @property
+    def is_dense(self) -> bool:
+        return self.coalesce()._dense is not None
 
     def __iadd__(self, other: "SparseSum") -> "SparseSum":
         other.coalesce()
+        if other._dense is not None or self.coalesce()._dense is not None:
+            self._dense = self.dense() + other.dense()
+            self.indices, self.values = self.indices[:, :0], self.values[:0]
+            return self
         self._pending.append((other.indices, other.values))
         return self.coalesce()
 
     def dense(self) -> torch.Tensor:
+        """The sum as a new dense (m_in, m_out) float64 tensor."""
         self.coalesce()
+        if self._dense is not None:
+            return self._dense.clone()
         return torch.sparse_coo_tensor(self.indices, self.values, (self.m_in, self.m_out)).to_dense()
 
 
@@ -86,6 +111,9 @@ class DSPAMap:
     g_sum: torch.Tensor  # (m_in,) sum of prompt statistics (for the static-sae baseline)
     count: int
     config: dict[str, Any]
+    # (d_model,) sum of per-triple mean differences of h^{l_out} over chosen vs rejected response
+    # tokens: the RepE/CAA vector at l_out, free from the same passes (None for maps without it)
+    repe_sum: torch.Tensor | None = None
 
     # -- the map ----------------------------------------------------------------------------------
     def matrix(self, threshold: float | None = None) -> torch.Tensor:
@@ -100,6 +128,12 @@ class DSPAMap:
 
     def mean_g(self) -> torch.Tensor:
         return (self.g_sum / max(1, self.count)).float()
+
+    def repe_vector(self) -> torch.Tensor:
+        """The mean-difference (RepE/CAA) vector at l_out from the fitting passes."""
+        if self.repe_sum is None:
+            raise ValueError("this DSPA map carries no RepE sums (fitted by an older saealign); use `dspa repe`")
+        return (self.repe_sum / max(1, self.count)).float()
 
     # -- identity checks ---------------------------------------------------------------------------
     def check_compatible(self, model=None, sae_in: SAE | None = None, sae_out: SAE | None = None) -> None:
@@ -120,14 +154,14 @@ class DSPAMap:
     # -- persistence ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        self.a_sum.coalesce()
-        nnz, cells = self.a_sum.values.numel(), self.a_sum.m_in * self.a_sum.m_out
-        if 2 * nnz > cells:  # COO costs 16 bytes an entry, dense 8 a cell: store whichever is smaller
+        if self.a_sum.is_dense:  # stored as accumulated: whichever of COO and dense is smaller
             tensors = {"a_sum_dense": self.a_sum.dense()}
         else:
             tensors = {"a_sum_indices": self.a_sum.indices.int(), "a_sum_values": self.a_sum.values}
+        if self.repe_sum is not None:
+            tensors["repe_sum"] = self.repe_sum.double()
         save_tensors(path / MAP_TENSORS, {**tensors, "g_sum": self.g_sum.double()})
-        write_json(path / CONFIG, {**self.config, "count": self.count, "nnz": int(self.a_sum.values.numel())})
+        write_json(path / CONFIG, {**self.config, "count": self.count, "nnz": self.a_sum.nnz})
         return path
 
     @classmethod
@@ -140,14 +174,29 @@ class DSPAMap:
             raise ValueError(f"{path / CONFIG}: not a DSPA map (kind={config.get('kind')!r})")
         tensors = load_file(str(path / MAP_TENSORS))
         if "a_sum_dense" in tensors:
-            dense = tensors["a_sum_dense"]
-            idx = dense.nonzero().T
-            a_sum = SparseSum(config["m_in"], config["m_out"], idx, dense[idx[0], idx[1]])
+            a_sum = SparseSum(config["m_in"], config["m_out"], _dense=tensors["a_sum_dense"])
         else:
             a_sum = SparseSum(config["m_in"], config["m_out"], tensors["a_sum_indices"].long(), tensors["a_sum_values"])
         count = config.pop("count")
         config.pop("nnz", None)
-        return cls(a_sum, tensors["g_sum"], count, config)
+        return cls(a_sum, tensors["g_sum"], count, config, tensors.get("repe_sum"))
+
+
+def write_recommended(path: str | Path, dspa: dict | None = None, static: dict | None = None,
+                      repe: dict | None = None, source: str | None = None) -> None:
+    """Record steering settings chosen on held-out data in a saved map's config (what `DSPA.load`,
+    `StaticSAE.load` and `RepE.load` use when not overridden)."""
+    config = read_json(Path(path) / CONFIG)
+    if config.get("kind") != "dspa_map":
+        raise ValueError(f"{Path(path) / CONFIG}: not a DSPA map")
+    for name, value in (("recommended", dspa), ("recommended_static", static), ("recommended_repe", repe)):
+        if value is not None:
+            config[name] = value
+    if dspa and "threshold" in dspa:
+        config["threshold"] = dspa["threshold"]
+    if source:
+        config["recommended_from"] = source
+    write_json(Path(path) / CONFIG, config)
 
 
 def merge_maps(maps: Sequence[DSPAMap]) -> DSPAMap:
@@ -165,7 +214,8 @@ def merge_maps(maps: Sequence[DSPAMap]) -> DSPAMap:
         a_sum += m.a_sum
     config = {**first.config, "data_fingerprint": [m.config["data_fingerprint"] for m in maps],
               "merged_from": len(maps)}
-    return DSPAMap(a_sum, sum(m.g_sum.double() for m in maps), sum(m.count for m in maps), config)
+    repe = None if any(m.repe_sum is None for m in maps) else sum(m.repe_sum.double() for m in maps)
+    return DSPAMap(a_sum, sum(m.g_sum.double() for m in maps), sum(m.count for m in maps), config, repe)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,8 +252,9 @@ class FitOptions:
 
 @torch.no_grad()
 def fit_batch(model, sae_in: SAE, sae_out: SAE, batch_c: dict, batch_r: dict, options: FitOptions
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g, delta) for one batch of triples: chosen pass reads both layers, rejected pass l_out only."""
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(g, delta, h_diff) for one batch of triples: chosen pass reads both layers, rejected pass l_out
+    only; h_diff is the chosen-minus-rejected mean residual at l_out over the same response tokens."""
     l_in, l_out = sae_in.layer, sae_out.layer
     dev = next(model.parameters()).device
 
@@ -224,7 +275,9 @@ def fit_batch(model, sae_in: SAE, sae_out: SAE, batch_c: dict, batch_r: dict, op
     hidden_r, attn_r, resp_r = run(batch_r, [l_out])
     resp_mask_r = usable(hidden_r[l_out], attn_r, resp_r)
     rho_r = prompt_statistic(encode_masked(sae_out, hidden_r[l_out], resp_mask_r), resp_mask_r, "density")
-    return g, rho_c - rho_r
+    h_diff = (prompt_statistic(hidden_c[l_out], resp_mask_c, "mean")
+              - prompt_statistic(hidden_r[l_out], resp_mask_r, "mean"))
+    return g, rho_c - rho_r, h_diff
 
 
 def new_map(model, sae_in: SAE, sae_out: SAE, options: FitOptions, data_fingerprint: str, seed: int | None) -> DSPAMap:
@@ -235,7 +288,8 @@ def new_map(model, sae_in: SAE, sae_out: SAE, options: FitOptions, data_fingerpr
               "sae_in": sae_in.describe(), "sae_out": sae_out.describe(), "m_in": sae_in.d_sae, "m_out": sae_out.d_sae,
               "stat": options.stat, "options": dataclasses.asdict(options), "data_fingerprint": data_fingerprint,
               "seed": seed, "threshold": 0.0}
-    return DSPAMap(SparseSum(sae_in.d_sae, sae_out.d_sae), torch.zeros(sae_in.d_sae, dtype=torch.float64), 0, config)
+    return DSPAMap(SparseSum(sae_in.d_sae, sae_out.d_sae), torch.zeros(sae_in.d_sae, dtype=torch.float64), 0, config,
+                   torch.zeros(sae_out.d_in, dtype=torch.float64))
 
 
 def fit_map(model, tokenizer, sae_in: SAE, sae_out: SAE, triples, options: FitOptions | None = None,
@@ -273,10 +327,11 @@ def fit_map(model, tokenizer, sae_in: SAE, sae_out: SAE, triples, options: FitOp
         order = sorted(range(len(rendered)), key=lambda i: rendered[i].length("both"))
         for b0 in range(0, len(order), options.batch_size):
             items = [rendered[i] for i in order[b0: b0 + options.batch_size]]
-            g, delta = fit_batch(model, sae_in, sae_out, collate_pairs(items, tokenizer, "chosen", "right"),
+            g, delta, h_diff = fit_batch(model, sae_in, sae_out, collate_pairs(items, tokenizer, "chosen", "right"),
                                  collate_pairs(items, tokenizer, "rejected", "right"), options)
             dspa_map.a_sum.add_outer(g.cpu(), delta.cpu())
             dspa_map.g_sum += g.sum(0).double().cpu()
+            dspa_map.repe_sum += h_diff.sum(0).double().cpu()
             dspa_map.count += len(items)
             bar.update(len(items))
         if end in snapshots and checkpoint_dir:

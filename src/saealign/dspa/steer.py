@@ -160,21 +160,32 @@ class DSPA(LatentSteerer):
         g_top = torch.zeros_like(g).scatter_(-1, idx, vals)
         return g_top @ self.A.to(g.device)
 
-    def _read_prompt(self, hidden: torch.Tensor, ctx: CallContext, explicit: torch.Tensor | None) -> None:
+    def prompt_features(self, hidden: torch.Tensor, ctx: CallContext, explicit: torch.Tensor | None = None
+                        ) -> torch.Tensor | None:
+        """g(x) (batch, m_in) from the residual at l_in of a prefill call (None on decode steps).
+        With `explicit` (the edited positions of a teacher-forced call) the prompt is everything else."""
         if explicit is not None:
             prompt = ctx.attention_mask & ~explicit.to(ctx.attention_mask.device)
         elif ctx.is_prefill:
             prompt = ctx.prompt_mask()
         else:
-            return  # decode steps reuse the sets chosen at prefill
+            return None  # decode steps reuse the sets chosen at prefill
         if self.options.get("exclude_sinks", True):
             prompt = prompt & keep_mask(hidden, ctx.attention_mask, self.options.get("sink_factor", 10.0),
                                         first_real_position(ctx.attention_mask))
         u = torch.zeros(*prompt.shape, self.sae_in.d_sae, device=hidden.device)
         if prompt.any():
             u[prompt] = self.sae_in.encode(hidden[prompt].float())
-        g = prompt_statistic(u, prompt, self.options.get("stat", "density"))
+        return prompt_statistic(u, prompt, self.options.get("stat", "density"))
+
+    def use_prompt_features(self, g: torch.Tensor) -> None:
+        """Choose the latent sets from given prompt features (a cached prefill, see eval.pref_cache)."""
         self._sets = select_latents(self.scores(g), self.cfg.k_diff, self.cfg.mode)
+
+    def _read_prompt(self, hidden: torch.Tensor, ctx: CallContext, explicit: torch.Tensor | None) -> None:
+        g = self.prompt_features(hidden, ctx, explicit)
+        if g is not None:
+            self.use_prompt_features(g)
 
     def apply(self, model, positions: PositionSpec = "generation") -> HookSession:
         explicit = positions if isinstance(positions, torch.Tensor) else None

@@ -10,25 +10,20 @@ reproducible for a fixed input list, batch size and device, not across batch siz
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
+
+from saealign.steering import Intervention, apply_intervention, system_prompt_of
 
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
 Conversation = list[Message]
-
-
-class Intervention(Protocol):
-    """What harnesses need from a steering method (`saealign.steering.Intervention`)."""
-
-    def apply(self, model: Any) -> contextlib.AbstractContextManager: ...
 
 
 @dataclass(frozen=True)
@@ -64,10 +59,6 @@ class Generation:
     prompt_tokens: int
     finish_reason: str  # "stop" (an end-of-sequence token) or "length"
     logprobs: list[TokenLogprob] | None = None
-
-
-def system_prompt_of(intervention: Any) -> str | None:
-    return getattr(intervention, "system_prompt", None) if intervention is not None else None
 
 
 def with_system_prompt(conversation: Conversation, system_prompt: str | None) -> Conversation:
@@ -180,7 +171,7 @@ def generate(model, tokenizer, prompts: Sequence[str], sampling: Sampling = Samp
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
     results: list[Generation | None] = [None] * len(encoded)
     starts = range(0, len(order), batch_size)
-    scope = intervention.apply(model) if intervention is not None else contextlib.nullcontext()
+    scope = apply_intervention(intervention, model)
     with scope, tqdm(total=len(order), desc=desc, disable=not progress, leave=False) as bar:
         for batch_index, start in enumerate(starts):
             rows = order[start:start + batch_size]

@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 
 from saealign._io import read_json, text_fingerprint, write_json
 from saealign.eval import default_name, load_policy, metric, result_record, select_subset
-from saealign.eval.generation import left_pad, max_positions, model_device, system_prompt_of
+from saealign.eval.generation import left_pad, max_positions, model_device
+from saealign.steering import system_prompt_of
 from saealign.eval.report import Z95
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ generation, the first response token is predicted from the unedited last prompt 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -45,6 +46,40 @@ class SequenceScores:
     len_rejected: np.ndarray
 
 
+def score_batches(rendered, tokenizer, max_tokens: int = 6144):
+    """Length-sorted batches under a padded-token budget: yields (which, triple indices, collated batch)."""
+    jobs = sorted(((w, i) for w in ("chosen", "rejected") for i in range(len(rendered))),
+                  key=lambda j: rendered[j[1]].length(j[0]))
+    start = 0
+    while start < len(jobs):
+        end = start + 1
+        while end < len(jobs) and (end - start + 1) * rendered[jobs[end][1]].length(jobs[end][0]) <= max_tokens:
+            end += 1
+        for which in ("chosen", "rejected"):
+            idx = [i for w, i in jobs[start:end] if w == which]
+            if idx:
+                yield which, idx, collate_pairs([rendered[i] for i in idx], tokenizer, which, "right")
+        start = end
+
+
+def response_logp(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+                  inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: summed log p of the response tokens and their count. The head runs only from the
+    first response position of the batch on (the vocabulary projection is a large part of a small
+    model's forward)."""
+    first = int(response_mask.float().argmax(1).min())
+    s = max(first - 1, 0)
+    kwargs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = torch.arange(s, input_ids.shape[1], device=input_ids.device)
+        logits = model(**kwargs, attention_mask=attention_mask, use_cache=False).logits
+    else:
+        logits = model(**kwargs, attention_mask=attention_mask, use_cache=False).logits[:, s:]
+    logp = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, s + 1:], reduction="none")
+    target = response_mask[:, s + 1:]
+    return (logp * target).sum(1).double().cpu(), target.sum(1).cpu()
+
+
 @torch.no_grad()
 def score_triples(model, tokenizer, triples, intervention: Intervention | None = None, max_length: int = 1024,
                   max_tokens: int = 6144, progress: bool = True, desc: str = "score") -> SequenceScores:
@@ -53,35 +88,15 @@ def score_triples(model, tokenizer, triples, intervention: Intervention | None =
     rendered = render_triples(tokenizer, triples, system_prompt=system_prompt_of(intervention), max_length=max_length,
                               progress=False)
     dev = next(model.parameters()).device
-    out = {w: np.zeros(len(rendered)) for w in ("chosen", "rejected")}
+    logp = {w: np.zeros(len(rendered)) for w in ("chosen", "rejected")}
     lens = {w: np.zeros(len(rendered), dtype=np.int64) for w in ("chosen", "rejected")}
-    jobs = [(w, i) for w in ("chosen", "rejected") for i in range(len(rendered))]
-    jobs.sort(key=lambda j: rendered[j[1]].length(j[0]))
-    bar = tqdm(total=len(jobs), desc=desc, unit="seq", disable=not progress)
-    start = 0
-    while start < len(jobs):
-        width = rendered[jobs[start][1]].length(jobs[start][0])
-        end = start + 1
-        while end < len(jobs) and (end - start + 1) * rendered[jobs[end][1]].length(jobs[end][0]) <= max_tokens:
-            end += 1
-        batch_jobs = jobs[start:end]
-        for which in ("chosen", "rejected"):
-            idx = [i for w, i in batch_jobs if w == which]
-            if not idx:
-                continue
-            b = collate_pairs([rendered[i] for i in idx], tokenizer, which, "right")
+    with tqdm(total=2 * len(rendered), desc=desc, unit="seq", disable=not progress) as bar:
+        for which, idx, b in score_batches(rendered, tokenizer, max_tokens):
             ids, attn, resp = b["input_ids"].to(dev), b["attention_mask"].to(dev), b["response_mask"].to(dev)
             with apply_intervention(intervention, model, positions=resp):
-                logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-            logp = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
-            target = resp[:, 1:]
-            out[which][idx] = (logp * target).sum(1).double().cpu().numpy()
-            lens[which][idx] = target.sum(1).cpu().numpy()
-        bar.update(len(batch_jobs))
-        start = end
-        del width
-    bar.close()
-    return SequenceScores(out["chosen"], out["rejected"], lens["chosen"], lens["rejected"])
+                logp[which][idx], lens[which][idx] = (t.numpy() for t in response_logp(model, ids, attn, resp))
+            bar.update(len(idx))
+    return SequenceScores(logp["chosen"], logp["rejected"], lens["chosen"], lens["rejected"])
 
 
 def base_scores_cached(model, tokenizer, triples, max_length: int = 1024, progress: bool = True) -> SequenceScores:
@@ -136,13 +151,26 @@ def preference_metrics(method: SequenceScores, base: SequenceScores | None, n_bo
 
 
 def evaluate_preferences(model, tokenizer, triples, methods: dict[str, Intervention | None], max_length: int = 1024,
-                         n_boot: int = 2000, seed: int = 0, progress: bool = True) -> dict:
-    """Metrics for every named method (None = base) on the same triples."""
-    base = base_scores_cached(model, tokenizer, triples, max_length, progress)
+                         n_boot: int = 2000, seed: int = 0, progress: bool = True, reuse_base_pass: bool = True) -> dict:
+    """Metrics for every named method (None = base) on the same triples.
+
+    With `reuse_base_pass`, methods that edit only late layers are scored from one cached base pass
+    (`eval.pref_cache`); the others (a system prompt, early edits) by a full pass each."""
+    from saealign.eval.pref_cache import ScoringCache
+
+    steered = [m for m in methods.values() if m is not None]
+    cache = ScoringCache.for_methods(model, tokenizer, triples, steered, max_length, progress=progress) \
+        if reuse_base_pass else None
+    base = cache.base if cache is not None else base_scores_cached(model, tokenizer, triples, max_length, progress)
     results = {}
     for name, intervention in methods.items():
-        scores = base if intervention is None else score_triples(model, tokenizer, triples, intervention, max_length,
-                                                                   progress=progress, desc=f"score {name}")
+        if intervention is None:
+            scores = base
+        elif cache is not None and cache.supports(model, intervention):
+            scores = cache.score(model, intervention, progress=progress, desc=f"score {name} (from cache)")
+        else:
+            scores = score_triples(model, tokenizer, triples, intervention, max_length, progress=progress,
+                                   desc=f"score {name}")
         results[name] = preference_metrics(scores, None if intervention is None else base, n_boot, seed)
         results[name]["mean_logp_chosen"] = float(scores.logp_chosen.mean())
         results[name]["mean_logp_rejected"] = float(scores.logp_rejected.mean())

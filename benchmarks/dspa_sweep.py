@@ -30,10 +30,10 @@ from saealign.sae import load_sae
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = {"mode": "ablate", "alpha": 0.2, "k_diff": 16, "k_prompt": 32, "threshold": 0.0}
-AXES = {"mode": ["ablate", "augment", "both"], "alpha": [0.05, 0.1, 0.2, 0.5, 1.0], "k_diff": [4, 16, 64, 256],
-        "k_prompt": [8, 32, 128, 512], "threshold": [0.0, 1e-3, 3e-3, 1e-2]}
-STATIC_AXES = ("mode", "alpha", "k_diff", "threshold")
-REPE_COEFS = [0.5, 1.0, 2.0, 4.0, 8.0]
+AXES = {"mode": ["ablate", "augment", "both"], "alpha": [0.1, 0.2, 0.5, 1.0], "k_diff": [16, 64, 256],
+        "k_prompt": [32, 128], "threshold": [0.0, 3e-3]}
+STATIC_AXES = ("mode", "alpha", "k_diff")
+REPE_COEFS = [1.0, 4.0, 16.0]
 
 
 def key(method: str, setting: dict) -> str:
@@ -51,12 +51,15 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--n", type=int, default=300, help="validation pairs (stratified seeded sample)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--max-length", type=int, default=384)
+    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dspa_sweep_val.json"))
     ap.add_argument("--write-recommended", nargs="*", default=[], metavar="MAP",
                     help="record the chosen settings in these maps' configs (default: --map)")
     args = ap.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     done = read_json(out)["entries"] if out.exists() else {}
     model, tok = load_model("smollm2-135m-instruct")

@@ -64,20 +64,25 @@ def score_batches(rendered, tokenizer, max_tokens: int = 6144):
 
 def response_logp(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
                   inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: summed log p of the response tokens and their count. The head runs only from the
-    first response position of the batch on (the vocabulary projection is a large part of a small
-    model's forward)."""
-    first = int(response_mask.float().argmax(1).min())
-    s = max(first - 1, 0)
+    """Per row: summed log p of the response tokens and their count. The vocabulary head runs only
+    at the positions that predict a response token (for a small model the head and its softmax
+    cost more than the layers when computed everywhere)."""
+    predicting = torch.zeros_like(response_mask)
+    predicting[:, :-1] = response_mask[:, 1:]
     kwargs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    logits = None
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = torch.arange(s, input_ids.shape[1], device=input_ids.device)
-        logits = model(**kwargs, attention_mask=attention_mask, use_cache=False).logits
-    else:
-        logits = model(**kwargs, attention_mask=attention_mask, use_cache=False).logits[:, s:]
-    logp = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, s + 1:], reduction="none")
-    target = response_mask[:, s + 1:]
-    return (logp * target).sum(1).double().cpu(), target.sum(1).cpu()
+        logits = model(**kwargs, attention_mask=attention_mask, use_cache=False, logits_to_keep=predicting).logits
+        if logits.dim() != 2:  # a transformers version without boolean logits_to_keep
+            logits = None
+    if logits is None:
+        logits = model(**kwargs, attention_mask=attention_mask, use_cache=False).logits[predicting]
+    targets = input_ids[:, 1:][response_mask[:, 1:]]
+    logits = logits.float()
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    rows = predicting.nonzero()[:, 0]
+    total = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=logp.device).index_add_(0, rows, logp.double())
+    return total.cpu(), response_mask[:, 1:].sum(1).cpu()
 
 
 @torch.no_grad()
@@ -151,16 +156,20 @@ def preference_metrics(method: SequenceScores, base: SequenceScores | None, n_bo
 
 
 def evaluate_preferences(model, tokenizer, triples, methods: dict[str, Intervention | None], max_length: int = 1024,
-                         n_boot: int = 2000, seed: int = 0, progress: bool = True, reuse_base_pass: bool = True) -> dict:
+                         n_boot: int = 2000, seed: int = 0, progress: bool = True, reuse_base_pass: bool = True,
+                         cache=None) -> dict:
     """Metrics for every named method (None = base) on the same triples.
 
     With `reuse_base_pass`, methods that edit only late layers are scored from one cached base pass
-    (`eval.pref_cache`); the others (a system prompt, early edits) by a full pass each."""
+    (`eval.pref_cache.ScoringCache`, built here or passed in as `cache`); the others (a system
+    prompt, early edits) by a full pass each."""
     from saealign.eval.pref_cache import ScoringCache
 
     steered = [m for m in methods.values() if m is not None]
-    cache = ScoringCache.for_methods(model, tokenizer, triples, steered, max_length, progress=progress) \
-        if reuse_base_pass else None
+    if cache is None and reuse_base_pass:
+        cache = ScoringCache.for_methods(model, tokenizer, triples, steered, max_length, progress=progress)
+    if cache is not None and cache.triples_fingerprint != triples_fingerprint(triples):
+        raise ValueError("the scoring cache was built for other triples")
     base = cache.base if cache is not None else base_scores_cached(model, tokenizer, triples, max_length, progress)
     results = {}
     for name, intervention in methods.items():

@@ -1,0 +1,83 @@
+"""The DSPA test table (issue protocol): base, DSPA (whole fit pool and N = 1,000), static-sae, RepE
+and prompt-prefix on fixed seeded samples of the helpful and harmless test splits, with the
+settings chosen on validation (`dspa_sweep.py` writes them into the maps, so nothing here is tuned).
+
+The base pass of each split is cached first (it does not depend on the settings), so this can start
+while the sweep runs: it waits for the maps' recommended settings before scoring.
+
+    python benchmarks/dspa_test_table.py --map /work/runs/map_full --map-1000 /work/runs/map_full/snapshot_1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from saealign._io import read_json, write_json
+from saealign.data import sample, select_triples
+from saealign.dspa import DSPA
+from saealign.eval import versions
+from saealign.eval.pref import evaluate_preferences, markdown_table
+from saealign.eval.pref_cache import ScoringCache
+from saealign.models import load_model
+from saealign.steering import load_method
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--map", required=True)
+    ap.add_argument("--map-1000", required=True)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--helpful", type=int, default=600)
+    ap.add_argument("--harmless", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-length", type=int, default=384)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip-prefix", action="store_true", help="leave out prompt-prefix (a full pass per split)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dspa_test_table.json"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model, tok = load_model("smollm2-135m-instruct")
+    splits = {role: sample(select_triples(args.data, role), n, args.seed)
+              for role, n in (("test_helpful", args.helpful), ("test_harmless", args.harmless))}
+    reader = DSPA.load(args.map, model=model)
+    caches = {}
+    for role, triples in splits.items():
+        t0 = time.time()
+        caches[role] = ScoringCache.build(model, tok, triples, reader.sae_out.layer, reader, args.max_length)
+        print(f"{role}: base pass over {len(triples)} pairs in {time.time() - t0:.0f} s", flush=True)
+    while "recommended" not in read_json(Path(args.map) / "config.json"):
+        time.sleep(30)  # the validation sweep has not chosen the settings yet
+    specs = {"DSPA (fit pool)": f"dspa:{args.map}", "DSPA (N=1000)": f"dspa:{args.map_1000}",
+             "static-sae": f"static-sae:{args.map}", "RepE (mean diff., l_out)": f"repe:{args.map}"}
+    methods = {"base": None, **{name: load_method(spec, model=model) for name, spec in specs.items()}}
+    out = Path(args.out)
+    result = read_json(out) if out.exists() else {}
+    config = read_json(Path(args.map) / "config.json")
+    result.update({"settings": {"dspa": config["recommended"], "static-sae": config["recommended_static"],
+                                "repe": config["recommended_repe"]},
+                   "methods": specs, "max_length": args.max_length, "seed": args.seed, "versions": versions()})
+    for role, triples in splits.items():  # the methods served by the cached base pass first
+        t0 = time.time()
+        result[role] = evaluate_preferences(model, tok, triples, methods, args.max_length, cache=caches[role])
+        result[role]["seconds"] = round(time.time() - t0, 1)
+        write_json(out, result)
+        print(markdown_table(result[role], role), flush=True)
+    if not args.skip_prefix:  # a system prompt changes every token: a full pass per split
+        for role in ("test_harmless", "test_helpful"):
+            res = evaluate_preferences(model, tok, splits[role], {"prompt-prefix": load_method("prompt-prefix")},
+                                       args.max_length, cache=caches[role])
+            result[role]["methods"]["prompt-prefix"] = res["methods"]["prompt-prefix"]
+            write_json(out, result)
+    out.with_suffix(".md").write_text("\n".join(markdown_table(result[r], r) for r in splits))
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

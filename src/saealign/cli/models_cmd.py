@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from saealign.cli import app
@@ -17,5 +18,5 @@ def models() -> None:
     for column in rows[0]:
         table.add_column(column)
     for row in rows:
-        table.add_row(*row.values())
+        table.add_row(*(escape(str(v)) for v in row.values()))  # '[gemma3]' is text, not markup
     Console().print(table)

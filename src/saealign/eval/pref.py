@@ -25,7 +25,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from saealign._io import cache_dir, save_tensors
@@ -104,18 +103,29 @@ def score_triples(model, tokenizer, triples, intervention: Intervention | None =
     return SequenceScores(logp["chosen"], logp["rejected"], lens["chosen"], lens["rejected"])
 
 
-def base_scores_cached(model, tokenizer, triples, max_length: int = 1024, progress: bool = True) -> SequenceScores:
-    """Base-model scores, cached on disk (they never change for a given model, data and rendering)."""
+def _base_cache_path(model, tokenizer, triples, max_length: int) -> Path:
     key = hashlib.sha256(json.dumps([model_id(model), str(next(model.parameters()).dtype), triples_fingerprint(triples),
                                      max_length, tokenizer.chat_template or ""]).encode()).hexdigest()[:20]
-    path = cache_dir() / "base_logprobs" / f"{key}.safetensors"
+    return cache_dir() / "base_logprobs" / f"{key}.safetensors"
+
+
+def store_base_scores(model, tokenizer, triples, max_length: int, scores: SequenceScores) -> None:
+    """Keep base scores on disk for `base_scores_cached` (they never change)."""
+    path = _base_cache_path(model, tokenizer, triples, max_length)
+    if not path.exists():
+        save_tensors(path, {k: torch.from_numpy(np.asarray(v)) for k, v in scores.__dict__.items()})
+
+
+def base_scores_cached(model, tokenizer, triples, max_length: int = 1024, progress: bool = True) -> SequenceScores:
+    """Base-model scores, cached on disk (they never change for a given model, data and rendering)."""
+    path = _base_cache_path(model, tokenizer, triples, max_length)
     if path.exists():
         from safetensors.torch import load_file
 
         t = load_file(str(path))
         return SequenceScores(*(t[k].numpy() for k in ("logp_chosen", "logp_rejected", "len_chosen", "len_rejected")))
     scores = score_triples(model, tokenizer, triples, None, max_length, progress=progress, desc="score base")
-    save_tensors(path, {k: torch.from_numpy(np.asarray(v)) for k, v in scores.__dict__.items()})
+    store_base_scores(model, tokenizer, triples, max_length, scores)
     return scores
 
 

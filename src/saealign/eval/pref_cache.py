@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saealign.data import render_triples, triples_fingerprint
-from saealign.eval.pref import SequenceScores, response_logp, score_batches
+from saealign.eval.pref import SequenceScores, response_logp, score_batches, store_base_scores
 from saealign.hooks import HookSession, resume_from_layer
 from saealign.steering import Intervention, apply_intervention, system_prompt_of
 
@@ -70,6 +70,7 @@ class ScoringCache:
                 batches.append(_CachedBatch(which, idx, ids, attn, resp, got["resid"], got["g"]))
                 bar.update(len(idx))
         base = SequenceScores(logp["chosen"], logp["rejected"], lens["chosen"], lens["rejected"])
+        store_base_scores(model, tokenizer, triples, max_length, base)
         key = _prompt_key(prompt_reader) if prompt_reader is not None else None
         return cls(batches, start, base, triples_fingerprint(triples), key)
 

@@ -3,7 +3,7 @@
 - map-fit throughput (triples/s) and its ratio to the bare forward passes it needs (the same
   batches run to l_out with no SAE work).
 
-    python benchmarks/bench_dspa.py --map runs/demo/map --fit-triples 64
+    python benchmarks/bench_dspa.py --map /work/runs/map_full --fit-triples 48
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from saealign.data import collate_pairs, load_preferences, render_triples
 from saealign.demo import DEMO_DATA
-from saealign.dspa import DSPA, DSPAMap, FitOptions, SteerConfig, fit_map
+from saealign.dspa import DSPA, FitOptions, SteerConfig, fit_map
 from saealign.hooks import read_residuals
 from saealign.models import load_model
 from saealign.sae import load_sae
@@ -55,7 +55,10 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dspa_speed.json"))
+    p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tok = load_model()
     sae_in, sae_out = load_sae("default:in"), load_sae("default:out")
     triples = load_preferences(str(DEMO_DATA))[: args.fit_triples]
@@ -70,9 +73,9 @@ def main() -> None:
     res["fit_s"] = time.perf_counter() - t0
     res["fit_triples_per_s"] = len(triples) / res["fit_s"]
     res["fit_over_bare_forward"] = res["fit_s"] / res["bare_forward_s"]
-    if args.map:
-        dspa_map = DSPAMap.load(args.map)
-    steer = DSPA(dspa_map, sae_in, sae_out, SteerConfig())
+    # the map's recommended (validation-chosen) settings when a map is given, else the paper's defaults
+    steer = DSPA.load(args.map, model=model) if args.map else DSPA(dspa_map, sae_in, sae_out, SteerConfig())
+    res["steer_settings"] = dict(steer.cfg.__dict__)
     prompts = [t.prompt[-1]["content"] for t in load_preferences(str(DEMO_DATA))[-8:]]
     for bs in (1, 8):
         rates = {"base": [], "dspa": []}

@@ -7,12 +7,14 @@ time), then the best value of each axis combined. The same axes are swept for st
 coefficient for RepE. Results are appended to the JSON after every setting, so a rerun resumes.
 The choice is the highest validation reward accuracy (ties broken by reward margin).
 
-    python benchmarks/dspa_sweep.py --map /work/runs/map_full --n 300
+    python benchmarks/dspa_sweep.py --map /work/runs/map_full --n 200
+    python benchmarks/dspa_sweep.py --plot-only benchmarks/results/dspa_sweep_val.json
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -139,11 +141,13 @@ def plot(path: Path) -> None:
                 m = e["metrics"]["reward_acc"]
                 pts.append((str(s[axis]), 100 * m["value"], 100 * m["ci95"][0], 100 * m["ci95"][1]))
             if pts:
-                x = range(len(pts))
+                values = REPE_COEFS if axis == "coef" else AXES[axis]
+                pts.sort(key=lambda p: [str(v) for v in values].index(p[0]))
+                x = [[str(v) for v in values].index(p[0]) for p in pts]
                 ys = [p[1] for p in pts]
                 err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
                 panel.errorbar(x, ys, yerr=err, fmt="o-", color=colour, label=method, capsize=3)
-                panel.set_xticks(list(x), [p[0] for p in pts])
+                panel.set_xticks(range(len(values)), [str(v) for v in values])
         panel.axhline(50, color="grey", lw=0.8, ls="--")
         panel.set_title(axis)
     panels[0].set_ylabel(f"validation reward acc. % (n={res['n']})")
@@ -154,4 +158,7 @@ def plot(path: Path) -> None:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main()
+    if sys.argv[1:2] == ["--plot-only"]:
+        plot(Path(sys.argv[2]))
+    else:
+        main()

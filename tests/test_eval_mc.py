@@ -81,8 +81,8 @@ class AddVector:
         self.calls.append((hidden.shape[0], ctx.is_prefill))
         return hidden + self.v
 
-    def apply(self, model):
-        return edit_residual(model, 1, self.fn, positions="generation")
+    def apply(self, model, positions="generation"):
+        return edit_residual(model, 1, self.fn, positions=positions)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -33,10 +33,10 @@ class Shift:
         self.vector, self.system_prompt, self.entered = vector, system_prompt, 0
 
     @contextmanager
-    def apply(self, model):
+    def apply(self, model, positions="generation"):
         self.entered += 1
         with edit_residual(model, model.config.num_hidden_layers - 1, lambda h, ctx: h + self.vector,
-                           positions="generation"):
+                           positions=positions):
             yield
 
 

@@ -55,3 +55,12 @@ def test_errors_are_named(tmp_path):
     assert res.exit_code != 0 and "nope" in res.output
     res = runner.invoke(app, ["run", "--name", "a", "--rate", "fast"])
     assert res.exit_code != 0
+
+
+def test_method_entries_name_columns_and_keep_paths_whole():
+    from saealign.cli.eval_pref_cmd import split_method_entry
+
+    assert split_method_entry("DSPA=dspa:runs/map") == ("DSPA", "dspa:runs/map")
+    assert split_method_entry("dspa:runs/a=b") == ("", "dspa:runs/a=b")
+    assert split_method_entry("best=dspa:runs/a=b") == ("best", "dspa:runs/a=b")
+    assert split_method_entry("base") == ("", "base")

@@ -34,6 +34,16 @@ class PrefEvalConfig:
     device: str | None = None
 
 
+def split_method_entry(entry: str) -> tuple[str, str]:
+    """`NAME=SPEC` -> (NAME, SPEC); a bare SPEC -> ("", SPEC). Only an `=` before the first `:` names
+    the column, so paths may contain `=`."""
+    head = entry.split(":", 1)[0]
+    if "=" in head:
+        name, _, spec = entry.partition("=")
+        return name, spec
+    return "", entry
+
+
 def run_pref_eval(cfg: PrefEvalConfig, model=None, tokenizer=None) -> dict:
     from saealign._io import write_json
     from saealign.data import select_triples
@@ -48,7 +58,7 @@ def run_pref_eval(cfg: PrefEvalConfig, model=None, tokenizer=None) -> dict:
     steer_opts = {k: getattr(cfg, k) for k in ("alpha", "k_prompt", "k_diff", "mode", "threshold") if getattr(cfg, k) is not None}
     methods = {}
     for entry in cfg.methods:
-        name, _, spec = entry.rpartition("=") if "=" in entry.split(":", 1)[0] else ("", "", entry)
+        name, spec = split_method_entry(entry)
         kind = spec.split(":", 1)[0]
         opts = steer_opts if kind in ("dspa", "static-sae") else ({"coef": cfg.coef} if kind == "repe" and cfg.coef is not None else {})
         methods[name or spec] = load_method(spec, model=model, **opts)

@@ -1,16 +1,21 @@
 """FPO vs DPO, SimPO, TDPO-1 and TDPO-2 on the default model, measured in one run.
 
-Every loss trains on the same draw of the HH-RLHF fit pool with the same budget (steps, batch,
-learning rate), each in a fresh subprocess, so each process's peak memory is its own: on CUDA the
-peak allocated tensor memory, on CPU the process's peak resident set size (`ru_maxrss`, which
-includes the Python runtime, the weights, the optimizer state and any reference model). The
-offline reference pass of FPO runs first, in its own process, and is reported separately:
-FPO's training process reads the cache and never loads a reference model. DPO runs as TRL runs it by
-default (a live frozen reference copy); `dpo-cache` is DPO reading the same offline cache.
-Each trained model is then compared with the reference on a sample of the helpful test split.
+Every loss trains on the same draw of the HH-RLHF fit pool with the same budget (pairs, epochs, batch,
+the same learning-rate grid), each in a fresh subprocess, so each process's peak memory is its own: on
+CUDA the peak allocated tensor memory, on CPU the process's peak resident set size (`ru_maxrss`, which
+includes the Python runtime, the weights, the optimizer state and any reference model). The offline
+reference pass of FPO runs first, in its own process, and is reported separately: FPO's training
+process reads the cache and never loads a reference model. DPO runs as TRL runs it by default (a live
+frozen reference copy); `dpo-cache` is DPO reading the same offline cache.
 
-    python benchmarks/bench_fpo.py --pairs 16 --max-length 256 --eval-pairs 16      # smoke
-    python benchmarks/bench_fpo.py --pairs 500 --max-length 512 --eval-pairs 300    # the issue's run
+Hyperparameters: each loss trains once per learning rate of `--lrs`; the rate is chosen per loss by
+preference accuracy on `--val-pairs` pairs of the validation split (ties: the smaller rate). Only the
+chosen models are scored on the helpful test sample: the same seeded draw as `saealign eval pref --n`
+and the DSPA tables (`benchmarks/dspa_test_table.py`).
+
+    python benchmarks/bench_fpo.py --pairs 16 --max-length 256 --val-pairs 16 --eval-pairs 16   # smoke
+    python benchmarks/bench_fpo.py --pairs 1000 --max-length 512 --lrs 1e-6 5e-6 --val-pairs 200 \
+        --eval-pairs 600 --batch 8 --accumulation 1 --device cuda                                 # the issue's run
 """
 
 from __future__ import annotations
@@ -31,16 +36,20 @@ VARIANTS = {"fpo": ("fpo", "cache"), "dpo": ("dpo", "model"), "dpo-cache": ("dpo
             "tdpo1": ("tdpo1", "model"), "tdpo2": ("tdpo2", "model")}
 
 
-def train_config(args: argparse.Namespace, variant: str):
+def run_name(variant: str, lr: float) -> str:
+    return f"{variant}_lr{lr:g}"
+
+
+def train_config(args: argparse.Namespace, variant: str, lr: float):
     from saealign.fpo.trainer import TrainConfig
 
     loss, reference = VARIANTS[variant]
     return TrainConfig(loss=loss, reference=reference, model=args.model, data=str(args.data), data_role="fit",
-                       max_pairs=args.pairs, sae=args.sae, output_dir=str(args.workdir / variant), seed=args.seed,
-                       learning_rate=args.lr, per_device_train_batch_size=args.batch,
+                       max_pairs=args.pairs, sae=args.sae, output_dir=str(args.workdir / run_name(variant, lr)),
+                       seed=args.seed, learning_rate=lr, per_device_train_batch_size=args.batch,
                        gradient_accumulation_steps=args.accumulation, num_train_epochs=1, max_length=args.max_length,
                        max_prompt_length=args.max_length // 2, ref_cache=str(args.workdir / "reference-cache"),
-                       device=args.device, warmup_ratio=0.1, logging_steps=1)
+                       device=args.device, warmup_ratio=0.1, logging_steps=1, show_progress=False)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -50,7 +59,7 @@ def worker(args: argparse.Namespace) -> None:
     out = Path(args.result)
     t0 = time.perf_counter()
     if args.job == "cache":
-        cache = build_cache(train_config(args, "fpo"))
+        cache = build_cache(train_config(args, "fpo", args.lrs[0]))
         import torch
 
         device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
@@ -58,34 +67,41 @@ def worker(args: argparse.Namespace) -> None:
                   "n_pairs": cache.n_pairs, "mean_active_latents": cache.meta.get("mean_active_latents"),
                   "path": str(cache.path)}
     elif args.job == "train":
-        trained = train(train_config(args, args.variant))
-        result = {"job": "train", "variant": args.variant, "seconds": time.perf_counter() - t0, **trained.summary,
-                  "config": asdict(train_config(args, args.variant))}
+        cfg = train_config(args, args.variant, args.lr)
+        trained = train(cfg)
+        result = {"job": "train", "variant": args.variant, "lr": args.lr, "seconds": time.perf_counter() - t0,
+                  **trained.summary, "config": asdict(cfg)}
     else:
         from saealign.fpo.evaluate import CompareConfig, run_comparison
 
-        record = run_comparison(CompareConfig(model=str(args.workdir / args.variant), reference=args.model,
-                                              data=str(args.data), data_role="test_helpful", max_pairs=args.eval_pairs,
-                                              seed=args.seed, sae=args.sae, max_length=args.max_length,
-                                              max_prompt_length=args.max_length // 2, device=args.device))
-        result = {"job": "eval", "variant": args.variant, "seconds": time.perf_counter() - t0,
-                  "metrics": record["metrics"], "n_pairs": record["n_pairs"]}
+        role, n = ("validation", args.val_pairs) if args.job == "val" else ("test_helpful", args.eval_pairs)
+        model = args.model if args.job == "reference" else str(args.workdir / run_name(args.variant, args.lr))
+        record = run_comparison(CompareConfig(model=model,
+                                              reference=args.model, data=str(args.data), data_role=role,
+                                              max_pairs=n, seed=0, sae=args.sae, max_length=args.max_length,
+                                              max_prompt_length=args.max_length // 2, batch_size=args.batch,
+                                              device=args.device, show_progress=False))
+        result = {"job": args.job, "role": role, "variant": args.variant, "lr": args.lr,
+                  "seconds": time.perf_counter() - t0, "metrics": record["metrics"], "n_pairs": record["n_pairs"],
+                  "data_fingerprint": record["data_fingerprint"]}
     out.write_text(json.dumps(result, indent=2))
 
 
-def run_job(args: argparse.Namespace, job: str, variant: str | None = None) -> dict:
-    result = args.workdir / f"{job}-{variant or 'all'}.json"
+def run_job(args: argparse.Namespace, job: str, variant: str | None = None, lr: float | None = None) -> dict:
+    """Run one job in a fresh process (or reuse its result with --reuse) and return its result JSON."""
+    result = args.workdir / f"{job}-{run_name(variant, lr) if variant else 'all'}.json"
     options = ["--model", args.model, "--sae", args.sae, "--data", str(args.data), "--pairs", str(args.pairs),
-               "--eval-pairs", str(args.eval_pairs), "--max-length", str(args.max_length), "--batch", str(args.batch),
-               "--accumulation", str(args.accumulation), "--lr", str(args.lr), "--seed", str(args.seed),
+               "--val-pairs", str(args.val_pairs), "--eval-pairs", str(args.eval_pairs),
+               "--max-length", str(args.max_length), "--batch", str(args.batch),
+               "--accumulation", str(args.accumulation), "--lrs", *map(str, args.lrs), "--seed", str(args.seed),
                "--workdir", str(args.workdir)] + (["--device", args.device] if args.device else [])
     if args.reuse and result.exists():
-        print(f"[bench_fpo] {job} {variant or ''}: reusing {result}", flush=True)
+        print(f"[bench_fpo] {job} {variant or ''} {lr or ''}: reusing {result}", flush=True)
         return json.loads(result.read_text())
     cmd = [sys.executable, __file__, "--job", job, "--result", str(result)] + options
     if variant:
-        cmd += ["--variant", variant]
-    print(f"[bench_fpo] {job} {variant or ''}", flush=True)
+        cmd += ["--variant", variant, "--lr", str(lr)]
+    print(f"[bench_fpo] {job} {variant or ''} {lr or ''}", flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     return json.loads(result.read_text())
 
@@ -97,6 +113,61 @@ def fmt(m: dict | None, digits: int = 3) -> str:
     return f"{m['value']:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
 
 
+def chosen_lr(val: dict[float, dict]) -> float:
+    """The rate with the best validation preference accuracy; ties go to the smaller rate."""
+    return max(sorted(val), key=lambda lr: (val[lr]["metrics"]["preference_accuracy"]["value"], -lr))
+
+
+def table(report: dict) -> str:
+    kind = report["peak_memory_kind"]
+    lines = [f"| loss | lr (chosen on val.) | val. pref. acc. % | test pref. acc. % [95% CI] | reward acc. vs ref. % | "
+             f"entropy | feature MSE (top-k) | KL/token to ref. | s/step | peak memory MB ({kind}) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    pct = lambda m: "-" if m is None else (f"{100 * m['value']:.1f}" + (
+        f" [{100 * m['ci95'][0]:.1f}, {100 * m['ci95'][1]:.1f}]" if m.get("ci95") else ""))
+    for v, r in report["runs"].items():
+        t, m = r["train"], r["test"]["metrics"]
+        val = r["val"][str(r["lr"])]["metrics"]["preference_accuracy"]
+        lines.append(f"| {v} | {r['lr']:g} | {100 * val['value']:.1f} | {pct(m['preference_accuracy'])} | "
+                     f"{pct(m['reward_accuracy'])} | {m['entropy']['value']:.3f} | "
+                     f"{fmt(m.get('feature_mse'), 5) if m.get('feature_mse') else '-'} | "
+                     f"{m['kl_to_reference']['value']:.5f} | {t['mean_step_time_s']:.3f} | {t['peak_memory_mb']:.0f} |")
+    base = report.get("reference_test")
+    if base:
+        lines.append(f"\nThe reference model itself on the same pairs: preference accuracy "
+                     f"{pct(base['metrics']['preference_accuracy'])} %, entropy {base['metrics']['entropy']['value']:.3f}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["runs"])
+    acc = [report["runs"][v]["test"]["metrics"]["preference_accuracy"] for v in names]
+    mem = [report["runs"][v]["train"]["peak_memory_mb"] for v in names]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    vals = [100 * a["value"] for a in acc]
+    err = [[100 * (a["value"] - a["ci95"][0]) for a in acc], [100 * (a["ci95"][1] - a["value"]) for a in acc]]
+    ax1.bar(names, vals, yerr=err, capsize=4, color="tab:blue")
+    ref = report.get("reference_test")
+    if ref:
+        ax1.axhline(100 * ref["metrics"]["preference_accuracy"]["value"], color="gray", ls="--", label="reference")
+        ax1.legend()
+    ax1.set_ylabel("test preference accuracy % (95% CI)")
+    ax1.set_ylim(min(vals) - 10, max(vals) + 10)
+    ax2.bar(names, mem, color="tab:orange")
+    ax2.set_ylabel(f"peak memory MB ({report['peak_memory_kind']})")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(f"{report['args']['pairs']} fit pairs, 1 epoch; {report['n_test_pairs']} helpful-test pairs; "
+                 f"{report['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["fpo", "dpo", "dpo-cache", "simpo", "tdpo1", "tdpo2"],
@@ -105,18 +176,20 @@ def main() -> None:
     parser.add_argument("--sae", default="default:out")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--pairs", type=int, default=16)
-    parser.add_argument("--eval-pairs", type=int, default=16)
+    parser.add_argument("--val-pairs", type=int, default=16, help="validation pairs that choose the learning rate")
+    parser.add_argument("--eval-pairs", type=int, default=16, help="helpful-test pairs for the chosen models")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-6)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-6], help="learning-rate grid, the same for every loss")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default=None)
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_fpo")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fpo.json")
     parser.add_argument("--reuse", action="store_true", help="keep job results already in --workdir (resume a run)")
-    parser.add_argument("--job", choices=["cache", "train", "eval"], help=argparse.SUPPRESS)
+    parser.add_argument("--job", choices=["cache", "train", "val", "test", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
@@ -125,32 +198,32 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     cache = run_job(args, "cache") if any(VARIANTS[v][1] == "cache" for v in args.variants) else None
-    runs = {v: {"train": run_job(args, "train", v)} for v in args.variants}
+    runs = {}
     for v in args.variants:
-        runs[v]["eval"] = run_job(args, "eval", v)
+        train_runs = {lr: run_job(args, "train", v, lr) for lr in args.lrs}
+        val = {lr: run_job(args, "val", v, lr) for lr in args.lrs}
+        lr = chosen_lr(val)
+        runs[v] = {"lr": lr, "train": train_runs[lr], "val": {str(k): r for k, r in val.items()},
+                   "train_all": {str(k): r for k, r in train_runs.items()}}
+        print(f"[bench_fpo] {v}: lr {lr:g} chosen on validation", flush=True)
+    for v in args.variants:
+        runs[v]["test"] = run_job(args, "test", v, runs[v]["lr"])
+    reference_test = run_job(args, "reference")
 
     import torch
 
-    report = {"benchmark": "fpo-vs-baselines", "device": "cuda" if torch.cuda.is_available() and args.device != "cpu"
-              else f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})",
+    report = {"benchmark": "fpo-vs-baselines", "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+              and args.device != "cpu" else f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})",
               "host": platform.node(), "args": {k: str(v) for k, v in vars(args).items() if v is not None},
-              "reference_cache": cache, "runs": runs, "wall_s": time.time() - started}
+              "peak_memory_kind": next(iter(runs.values()))["train"]["peak_memory_kind"],
+              "n_test_pairs": next(iter(runs.values()))["test"]["n_pairs"],
+              "reference_cache": cache, "reference_test": reference_test, "runs": runs, "wall_s": time.time() - started}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    kind = next(iter(runs.values()))["train"]["peak_memory_kind"]
-    print(f"\npeak memory = {kind}; {args.pairs} fit pairs, {args.eval_pairs} helpful-test pairs, "
-          f"max {args.max_length} tokens")
-    if cache:
-        print(f"reference cache pass: {cache['seconds']:.1f} s, peak {cache['peak_memory_mb']:.0f} MB, "
-              f"{cache['mean_active_latents']:.1f} active latents per response")
-    header = ("variant", "steps", "s/step", "peak MB", "pref acc", "reward acc", "entropy", "feature MSE", "KL/token")
-    print(" | ".join(header))
-    for v, r in runs.items():
-        t, m = r["train"], r["eval"]["metrics"]
-        print(" | ".join([v, str(t["steps"]), f"{t['mean_step_time_s']:.2f}", f"{t['peak_memory_mb']:.0f}",
-                          fmt(m["preference_accuracy"]), fmt(m["reward_accuracy"]), fmt(m["entropy"]),
-                          fmt(m.get("feature_mse"), 5), fmt(m["kl_to_reference"], 5)]))
-    print(f"\nwrote {args.out}")
+    args.out.with_suffix(".md").write_text(table(report))
+    plot(report, args.out.with_suffix(".png"))
+    print(table(report))
+    print(f"wrote {args.out} (.md, .png)")
 
 
 if __name__ == "__main__":

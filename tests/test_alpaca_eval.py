@@ -11,8 +11,8 @@ import pytest
 
 from saealign.eval.alpaca_eval import (AlpacaEvalConfig, judge_pairs, length_controlled_win_rate, load_outputs,
                                        load_template, parse_label, render_template, run_alpaca_eval, win_rate)
-from saealign.eval.judges import CHAT, HFJudge, Judge, RewardModelJudge
-from test_judges import LABELS, reward_model_dir, tiny_chat  # noqa: F401  (reward_model_dir is a fixture)
+from saealign.eval.judges import HFJudge, RewardModelJudge
+from test_judges import LABELS, Replay, reward_model_dir, tiny_chat  # noqa: F401  (reward_model_dir is a fixture)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "judge"
 
@@ -152,16 +152,6 @@ def test_both_orders_cancel_position_bias(label_judge, template_path):
     assert abs(f["reference_first"] - f["model_first"]) > 0.2
 
 
-class Replay(Judge):
-    capabilities = frozenset({CHAT})
-
-    def __init__(self, script):
-        super().__init__("replay")
-        self.script, self.calls = script, []
-
-    def _chat(self, conversations, max_tokens):
-        self.calls.append(conversations)
-        return list(self.script[len(self.calls) - 1])
 
 
 def test_generative_pairwise_judge_with_retry(template_path):

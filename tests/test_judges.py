@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from saealign.eval.judges import (HFJudge, Judge, JudgeError, JudgmentCache, OpenAIJudge, RewardModelJudge, build_judge,
+from saealign.eval.judges import (CHAT, HFJudge, Judge, JudgeError, JudgmentCache, OpenAIJudge, RewardModelJudge, build_judge,
                                   label_probs_from_response)
 from saealign.serve import OpenAIServer
 
@@ -277,3 +277,18 @@ def test_finished_chunks_are_cached_before_an_interruption(tmp_path):
     out = resumed.chat(convs, progress=False)
     assert resumed.calls == -10 + 2  # only the three unfinished prompts (two chunks) were asked again
     assert out == [f"[[{len(c[-1]['content'])}]]" for c in convs]
+
+
+class Replay(Judge):
+    """Replays recorded judgment texts: the n-th call to the judge answers with `script[n]` per prompt."""
+
+    capabilities = frozenset({CHAT})
+
+    def __init__(self, script):
+        super().__init__("replay")
+        self.script, self.calls = script, []
+
+    def _chat(self, conversations, max_tokens):
+        self.calls.append(conversations)
+        texts = self.script[len(self.calls) - 1]
+        return [texts[i % len(texts)] for i in range(len(conversations))]

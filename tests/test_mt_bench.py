@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from saealign.eval.judges import CHAT, Judge
 from saealign.eval.mt_bench import (MISSING, MTBenchConfig, TEMPERATURE_BY_CATEGORY, build_judge_prompt,
                                     generate_answers, judge_answers, judge_prompt_name, load_judge_prompts,
                                     load_questions, load_reference_answers, parse_rating, run_mt_bench, summarize)
-from test_judges import tiny_chat
+from test_judges import Replay, tiny_chat
 
 FIXTURES = Path(__file__).parent / "fixtures" / "judge"
 RECORDED = json.loads((FIXTURES / "mt_bench_judgments.json").read_text())
@@ -78,21 +77,6 @@ def test_generate_answers_fastchat_format(model, smol_tokenizer):
     by_id = {a["question_id"]: a["choices"] for a in answers}
     assert by_id[2][0]["turns"] == by_id[2][1]["turns"]  # math is greedy: every seed gives the same answer
     assert by_id[1][0]["turns"] != by_id[1][1]["turns"]  # writing samples at 0.7
-
-
-class Replay(Judge):
-    """Replays recorded judgment texts: the n-th call to the judge answers with `script[n]` per prompt."""
-
-    capabilities = frozenset({CHAT})
-
-    def __init__(self, script):
-        super().__init__("replay")
-        self.script, self.calls = script, []
-
-    def _chat(self, conversations, max_tokens):
-        self.calls.append(conversations)
-        texts = self.script[len(self.calls) - 1]
-        return [texts[i % len(texts)] for i in range(len(conversations))]
 
 
 def _text(name):
@@ -203,3 +187,32 @@ def test_cli(mt, model, smol_tokenizer, tmp_path):
     assert result["n_questions"] == 2 and result["config"]["seeds"] == [0, 1] and result["n_judgments"] == 8
     missing = CliRunner().invoke(app, ["eval", "mt-bench", "--out-dir", str(tmp_path)])
     assert missing.exit_code != 0 and "--data-dir" in missing.output
+
+
+def test_likelihood_judge_mode_rates_every_answer_by_the_most_likely_rating(mt, model, smol_tokenizer, tmp_path):
+    """A random tiny judge never writes a rating, but in the likelihood mode each judgment gets the rating
+    whose continuation the judge finds most likely; an independent scoring of the ten ratings agrees."""
+    from saealign.eval.judges import HFJudge
+    from saealign.eval.mc import score_requests
+    from saealign.eval.mt_bench import RATING_PREFIX
+
+    data = _fake_data_dir(mt, tmp_path)
+    cfg = MTBenchConfig(data_dir=data, out_dir=tmp_path / "run", max_new_tokens=4, judge="self",
+                        judge_mode="likelihood", progress=False, name="tiny")
+    result = run_mt_bench(cfg, model=model, tokenizer=smol_tokenizer)
+    judgments = [json.loads(x) for x in
+                 (tmp_path / "run" / "model_judgment" / "tiny-chat-4_single.jsonl").read_text().splitlines()]
+    assert result["n_missing"] == 0 and len(judgments) == 6 and result["metrics"]["score"]["value"] is not None
+    prompts = load_judge_prompts(mt / "judge_prompts.jsonl")
+    renderer = HFJudge(model, smol_tokenizer)
+    for j in judgments:
+        conversation = [{"role": "system", "content": prompts[j["judge"][1]]["system_prompt"]},
+                        {"role": "user", "content": j["user_prompt"]}]
+        scores = score_requests(model, smol_tokenizer, [(renderer._render(conversation) + RATING_PREFIX, f"{r}]]")
+                                                        for r in range(1, 11)])
+        assert j["score"] == 1 + max(range(10), key=scores.__getitem__)
+        assert j["judgment"] == f"{RATING_PREFIX}{j['score']}]]"
+        assert abs(sum(j["rating_probs"].values()) - 1) < 1e-4 and 1 <= j["expected_rating"] <= 10
+    with pytest.raises(ValueError, match="judge mode"):
+        run_mt_bench(MTBenchConfig(**{**cfg.__dict__, "judge_mode": "vote", "out_dir": tmp_path / "r2"}),
+                     model=model, tokenizer=smol_tokenizer)

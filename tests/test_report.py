@@ -94,3 +94,25 @@ def test_select_subset_is_seeded_and_ordered():
     a = select_subset(items, 10, seed=3)
     assert a == select_subset(items, 10, seed=3) and a == sorted(a) and a != select_subset(items, 10, seed=4)
     assert select_subset(items, None) == items and select_subset(items, 500) == items
+
+
+def test_files_of_one_method_and_benchmark_merge(tmp_path):
+    """MC tasks run in two invocations under one method name: both tasks reach the table."""
+    write_json(tmp_path / "a.results.json", result_record("mc", "base", {"arc/acc": metric(0.5, 0.01)}, ["arc/acc"], {}))
+    write_json(tmp_path / "b.results.json", result_record("mc", "base", {"mmlu/acc": metric(0.3, 0.01)}, ["mmlu/acc"], {}))
+    table = markdown_table(load_results([tmp_path])).splitlines()
+    assert table[0] == "| method | mc arc/acc | mc mmlu/acc |"
+    assert table[2] == "| base | 0.50 ± 0.02 | 0.30 ± 0.02 |"
+
+
+def test_deltas_use_paired_differences_and_merged_headlines(tmp_path):
+    base = [result_record("mc", "base", {f"{t}/acc": metric(0.5, 0.02)}, [f"{t}/acc"], {}) for t in ("arc", "mmlu")]
+    steered = [result_record("mc", "dspa", {f"{t}/acc": metric(0.51, 0.02)}, [f"{t}/acc"], {},
+                             paired_vs_baseline={"delta": {f"{t}/acc": {"value": 0.01, "se": 0.001}}})
+               for t in ("arc", "mmlu")]
+    for i, r in enumerate(base + steered):
+        write_json(tmp_path / f"{i}.results.json", r)
+    table = deltas(load_results([tmp_path]), "base")["dspa"]
+    assert set(table) == {"mc arc/acc", "mc mmlu/acc"}  # the second file's headline is not lost
+    d, se = table["mc mmlu/acc"]
+    assert d == pytest.approx(0.01) and se == pytest.approx(0.001)  # paired, not hypot(0.02, 0.02)

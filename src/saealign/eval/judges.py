@@ -35,7 +35,7 @@ from saealign.eval.generation import Conversation, Sampling, generate, next_toke
 
 log = logging.getLogger(__name__)
 
-CHAT, LABEL_PROBS, REWARD = "chat", "label_probs", "reward"
+CHAT, LABEL_PROBS, REWARD, CONTINUATIONS = "chat", "label_probs", "reward", "continuations"
 
 
 class JudgeError(RuntimeError):
@@ -107,6 +107,13 @@ class Judge:
         return self._cached(LABEL_PROBS, conversations, {"labels": list(labels)},
                             lambda todo: self._label_probs(todo, list(labels)), progress)
 
+    def continuation_logprobs(self, conversations: Sequence[Conversation], prefix: str, continuations: Sequence[str],
+                              progress: bool = True) -> list[list[float] | None]:
+        """Log-likelihood of each of `continuations` as the rest of a judge reply that begins with `prefix`
+        (one list per conversation, in the order of `continuations`)."""
+        return self._cached(CONTINUATIONS, conversations, {"prefix": prefix, "continuations": list(continuations)},
+                            lambda todo: self._continuations(todo, prefix, list(continuations)), progress)
+
     def reward(self, conversations: Sequence[Conversation], progress: bool = True) -> list[float | None]:
         """Scalar reward of each conversation (the last turn is the assistant answer being scored)."""
         return self._cached(REWARD, conversations, {}, self._reward, progress)
@@ -136,6 +143,10 @@ class Judge:
     def _label_probs(self, conversations: list[Conversation], labels: list[str]) -> list[dict[str, float] | None]:
         raise NotImplementedError
 
+    def _continuations(self, conversations: list[Conversation], prefix: str,
+                       continuations: list[str]) -> list[list[float] | None]:
+        raise NotImplementedError
+
     def _reward(self, conversations: list[Conversation]) -> list[float | None]:
         raise NotImplementedError
 
@@ -155,9 +166,10 @@ def single_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
 
 
 class HFJudge(Judge):
-    """A local causal LM as judge: greedy generation for `chat`, one forward pass for `label_probs`."""
+    """A local causal LM as judge: greedy generation for `chat`, one forward pass for `label_probs`,
+    log-likelihood scoring (the multiple-choice scorer) for `continuation_logprobs`."""
 
-    capabilities = frozenset({CHAT, LABEL_PROBS})
+    capabilities = frozenset({CHAT, LABEL_PROBS, CONTINUATIONS})
 
     def __init__(self, model, tokenizer, name: str | None = None, batch_size: int = 4,
                  cache: JudgmentCache | str | os.PathLike | None = None):
@@ -189,6 +201,15 @@ class HFJudge(Judge):
         logprobs = next_token_logprobs(self.model, self.tokenizer, [self._render(c) for c in conversations],
                                        self.batch_size)
         return [{label: math.exp(float(row[i])) for label, i in zip(labels, ids)} for row in logprobs]
+
+    def _continuations(self, conversations, prefix, continuations):
+        from saealign.eval.mc import score_requests
+
+        requests = [(self._render(c) + prefix, text) for c in conversations for text in continuations]
+        scores = score_requests(self.model, self.tokenizer, requests, batch_size=self.batch_size * len(continuations),
+                                desc="judge continuations")
+        k = len(continuations)
+        return [scores[i:i + k] for i in range(0, len(scores), k)]
 
 
 class RewardModelJudge(Judge):

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from saealign.eval import (default_name, load_policy, metric, require_file, result_record, safe_name, select_subset,
                            start_run)
 from saealign.eval.generation import Sampling, generate_chat
-from saealign.eval.judges import CHAT, Judge
+from saealign.eval.judges import CHAT, CONTINUATIONS, Judge
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ TEMPERATURE_BY_CATEGORY = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "
                            "reasoning": 0.0, "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0}
 NEED_REF_CATS = ("math", "reasoning", "coding", "arena-hard-200")
 MISSING = -1
+RATING_PREFIX = "Rating: [["  # how FastChat's judge prompts ask the verdict to be written
+RATINGS = tuple(range(1, 11))
 GENERATION_FIELDS = ("model", "intervention", "name", "temperature", "max_new_tokens")  # what answers depend on
 
 _RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
@@ -179,9 +181,11 @@ def build_judge_prompt(template: dict[str, Any], question: dict[str, Any], answe
 
 def judge_answers(questions: Sequence[dict[str, Any]], answers: dict[int, dict[str, Any]], judge: Judge,
                   judge_prompts: dict[str, dict[str, Any]], references: dict[int, list[str]], *,
-                  max_tokens: int = 2048, progress: bool = True) -> list[dict[str, Any]]:
-    """Grade both turns of every choice; returns FastChat judgment records (score -1 = missing)."""
-    if not judge.supports(CHAT):
+                  max_tokens: int = 2048, progress: bool = True, mode: str = "generate") -> list[dict[str, Any]]:
+    """Grade both turns of every choice; returns FastChat judgment records (score -1 = missing).
+    `mode`: 'generate' (FastChat: the judgment text, parsed for [[rating]]) or 'likelihood' (see
+    `_likelihood_judgments`)."""
+    if mode == "generate" and not judge.supports(CHAT):
         raise ValueError(f"judge {judge.name!r} cannot generate judgments; MT-Bench needs a chat judge")
     tasks = []
     for q in questions:
@@ -205,6 +209,10 @@ def judge_answers(questions: Sequence[dict[str, Any]], answers: dict[int, dict[s
                               "user_prompt": user_prompt,
                               "conversation": [{"role": "system", "content": template["system_prompt"]},
                                                {"role": "user", "content": user_prompt}]})
+    if mode == "likelihood":
+        return _likelihood_judgments(tasks, answers, judge, progress)
+    if mode != "generate":
+        raise ValueError(f"judge mode must be 'generate' or 'likelihood', got {mode!r}")
     texts = judge.chat([t["conversation"] for t in tasks], max_tokens=max_tokens, progress=progress)
     retry = [i for i, text in enumerate(texts) if parse_rating(text) is None]
     first_texts = list(texts)
@@ -218,13 +226,43 @@ def judge_answers(questions: Sequence[dict[str, Any]], answers: dict[int, dict[s
     records, retried = [], set(retry)
     for i, (task, text) in enumerate(zip(tasks, texts)):
         rating = parse_rating(text)
-        qid = task["question"]["question_id"]
-        record = {"question_id": qid, "model": answers[qid]["model_id"],
-                  "judge": [judge.name, task["prompt_name"]], "user_prompt": task["user_prompt"],
-                  "judgment": text or "", "score": MISSING if rating is None else rating, "turn": task["turn"],
-                  "tstamp": time.time(), "choice": task["choice"], "category": task["question"]["category"]}
+        record = _judgment_record(task, answers, judge, text or "", MISSING if rating is None else rating)
         if i in retried:
             record["first_judgment"] = first_texts[i] or ""
+        records.append(record)
+    return records
+
+
+def _judgment_record(task: dict[str, Any], answers: dict[int, dict[str, Any]], judge: Judge, text: str,
+                     score: float) -> dict[str, Any]:
+    """One FastChat `model_judgment` record."""
+    qid = task["question"]["question_id"]
+    return {"question_id": qid, "model": answers[qid]["model_id"], "judge": [judge.name, task["prompt_name"]],
+            "user_prompt": task["user_prompt"], "judgment": text, "score": score, "turn": task["turn"],
+            "tstamp": time.time(), "choice": task["choice"], "category": task["question"]["category"]}
+
+
+def _likelihood_judgments(tasks: list[dict[str, Any]], answers: dict[int, dict[str, Any]], judge: Judge,
+                          progress: bool) -> list[dict[str, Any]]:
+    """Ratings read off the judge's likelihoods: its reply is taken to begin with FastChat's 'Rating: [[' and
+    the rating is the most likely of '1]]' .. '10]]' after it. Never missing, so usable with small local
+    judges that do not keep to the format; the distribution over the ten ratings is kept in each record."""
+    if not judge.supports(CONTINUATIONS):
+        raise ValueError(f"judge {judge.name!r} cannot score continuations; use judge mode 'generate'")
+    rows = judge.continuation_logprobs([t["conversation"] for t in tasks], RATING_PREFIX,
+                                       [f"{r}]]" for r in RATINGS], progress=progress)
+    records = []
+    for task, row in zip(tasks, rows, strict=True):
+        if row is None:
+            records.append(_judgment_record(task, answers, judge, "", MISSING))
+            continue
+        top = max(row)
+        weights = [math.exp(v - top) for v in row]
+        probs = [w / sum(weights) for w in weights]
+        rating = RATINGS[max(range(len(RATINGS)), key=row.__getitem__)]
+        record = _judgment_record(task, answers, judge, f"{RATING_PREFIX}{rating}]]", rating)
+        record["rating_probs"] = {str(r): round(p, 6) for r, p in zip(RATINGS, probs)}
+        record["expected_rating"] = sum(r * p for r, p in zip(RATINGS, probs))
         records.append(record)
     return records
 
@@ -299,6 +337,9 @@ class MTBenchConfig:
     judge_max_retries: int = 4
     judge_timeout_s: float = 300.0
     judge_max_tokens: int = field(default=2048, metadata={"help": "FastChat uses 2048; local CPU judges want less"})
+    judge_mode: str = field(default="generate", metadata={
+        "help": "generate: FastChat's judgment text, parsed for [[rating]]; likelihood: the most likely of the "
+                "ratings 1..10 after 'Rating: [[' (local judges; never missing)"})
     judge_batch_size: int = 4
     judge_prompts: Path | None = field(default=None,
                                        metadata={"help": "default: DATA_DIR/judge_prompts.jsonl or DATA_DIR/../"})
@@ -369,7 +410,7 @@ def run_mt_bench(cfg: MTBenchConfig, model=None, tokenizer=None, intervention=No
     references = load_reference_answers(paths["reference_answers"]) if needs_ref else {}
     start = time.perf_counter()
     judgments = judge_answers(questions, answers, judge, prompts, references, max_tokens=cfg.judge_max_tokens,
-                              progress=cfg.progress)
+                              progress=cfg.progress, mode=cfg.judge_mode)
     timings["judge_s"] = time.perf_counter() - start
     if judgments and all(j["score"] == MISSING for j in judgments):
         log.warning("the judge gave no usable rating at all (%d judgments)", len(judgments))

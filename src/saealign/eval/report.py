@@ -1,8 +1,9 @@
 """`saealign report`: result files -> a markdown table (methods x benchmarks, 95% intervals) and PNG plots.
 
 Reads any result file in the shape of `saealign.eval.result_record` (MT-Bench, AlpacaEval, multiple
-choice, preference metrics alike). Intervals are value +- 1.96 SE; deltas against a baseline method use
-sqrt(se_a^2 + se_b^2), which ignores the pairing of items and so errs on the wide side.
+choice, preference metrics alike). Intervals are value +- 1.96 SE. Deltas against a baseline method use
+the per-item paired differences a result carries (`eval mc --baseline`); otherwise sqrt(se_a^2 + se_b^2),
+which ignores the pairing of items and so errs on the wide side.
 """
 
 from __future__ import annotations
@@ -44,14 +45,28 @@ def load_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     return results
 
 
+def _paired(result: dict[str, Any]) -> dict[str, Any]:
+    """Per-item paired deltas a result carries against its baseline run (`eval mc --baseline`)."""
+    return dict((result.get("paired_vs_baseline") or {}).get("delta") or {})
+
+
 def _index(results: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """`(method, benchmark) -> result`; a later file replaces an earlier one, with a warning."""
+    """`(method, benchmark) -> result`. Files of one method and benchmark are merged (multiple-choice
+    tasks run in separate invocations, say); a metric in both is taken from the later file, with a warning."""
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for r in results:
         key = (r["method"], r["benchmark"])
-        if key in out:
-            log.warning("%s on %s appears twice; using %s", *key, r["_path"])
-        out[key] = r
+        if key not in out:
+            out[key] = {**r, "metrics": dict(r["metrics"]), "headline": list(r.get("headline") or []),
+                        "paired": _paired(r)}
+            continue
+        merged = out[key]
+        clash = sorted(merged["metrics"].keys() & r["metrics"].keys())
+        if clash:
+            log.warning("%s on %s: %s appear twice; using %s", *key, ", ".join(clash), r["_path"])
+        merged["metrics"].update(r["metrics"])
+        merged["headline"] = _ordered([*merged["headline"], *(r.get("headline") or [])])
+        merged["paired"].update(_paired(r))
     return out
 
 
@@ -129,9 +144,13 @@ def deltas(results: Sequence[dict[str, Any]], baseline: str) -> dict[str, dict[s
         base = index.get((baseline, benchmark))
         if method == baseline or base is None:
             continue
-        for name in r.get("headline") or []:
+        for name in r["headline"]:
             a, b = r["metrics"].get(name), base["metrics"].get(name)
             if not a or not b or a.get("value") is None or b.get("value") is None:
+                continue
+            paired = r["paired"].get(name)
+            if paired is not None and paired.get("se") is not None:  # same items, per-item differences
+                out.setdefault(method, {})[f"{benchmark} {name}"] = (paired["value"], paired["se"])
                 continue
             se = None if a.get("se") is None or b.get("se") is None else math.hypot(a["se"], b["se"])
             out.setdefault(method, {})[f"{benchmark} {name}"] = (a["value"] - b["value"], se)

@@ -123,7 +123,8 @@ class CompareConfig:
     data: str | None = field(default=None, metadata={"help": "held-out preference data, or the shared data root with --data-role"})
     data_role: str | None = field(default=None, metadata={"help": "HH-RLHF role of SPLITS.md, e.g. test_helpful or validation"})
     data_split_seed: int = 0
-    max_pairs: int | None = field(default=None, metadata={"help": "a seeded draw of this many pairs"})
+    max_pairs: int | None = field(default=None, metadata={
+        "help": "a seeded draw of this many pairs, stratified by subset: the same draw as `eval pref --n`"})
     seed: int = 0
     sae: str | None = field(default="default:out", metadata={"help": "SAE for the feature MSE ('' for none)"})
     fpo_topk: int = 50
@@ -140,14 +141,16 @@ def run_comparison(cfg: CompareConfig) -> dict[str, Any]:
     """Load both models, the pairs and the SAE per `cfg`; return (and optionally write) a result record."""
     from saealign.data import render_triples
     from saealign.eval import result_record
-    from saealign.fpo.trainer import load_triples
+    from saealign.data import select_triples
+    from saealign.eval.pref import sample_pairs
     from saealign.models import load_model, model_id
 
     if cfg.model is None:
         raise ValueError("pass --model (the trained model)")
     policy, tokenizer = load_model(cfg.model, device=cfg.device, dtype="float32")
     reference, _ = load_model(cfg.reference, device=cfg.device, dtype="float32")
-    triples = load_triples(cfg.data, cfg.data_role, cfg.data_split_seed, cfg.max_pairs, cfg.seed)
+    triples = sample_pairs(select_triples(cfg.data, cfg.data_role, split_seed=cfg.data_split_seed), cfg.max_pairs,
+                           cfg.seed)
     pairs = render_triples(tokenizer, triples, cfg.system_prompt, cfg.max_length, cfg.max_prompt_length)
     sae = None
     if cfg.sae:

@@ -1,0 +1,96 @@
+"""Tables of an evaluation-suite run (`benchmarks/eval_suite.sh`): multiple-choice accuracy of base vs
+DSPA in points with the paired per-item delta, and the MT-Bench / AlpacaEval summaries with the judge's
+missing rate. Writes a compact JSON (no per-item records) and a markdown file.
+
+    python benchmarks/suite_tables.py runs/eval_suite --out benchmarks/results/eval_suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from saealign._io import write_json
+
+
+def pct(m: dict | None) -> str:
+    if m is None or m.get("value") is None:
+        return "–"
+    ci = m.get("ci95")
+    return f"{100 * m['value']:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
+def delta(m: dict) -> str:
+    ci = m.get("ci95") or [m["value"], m["value"]]
+    return f"{100 * m['value']:+.2f} [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
+
+
+def mc_rows(suite: Path) -> list[dict]:
+    rows = []
+    for part in ("full", "subset"):
+        base_path, dspa_path = suite / f"mc-{part}-base/results.json", suite / f"mc-{part}-dspa/results.json"
+        if not (base_path.exists() and dspa_path.exists()):
+            continue
+        base, dspa = json.loads(base_path.read_text()), json.loads(dspa_path.read_text())
+        paired = dspa["paired_vs_baseline"]["delta"]
+        for task, summary in base["tasks"].items():
+            for name, m in summary["metrics"].items():
+                rows.append({"task": task, "metric": name, "n": summary["n"], "available": summary["available"],
+                             "base": m, "dspa": dspa["tasks"][task]["metrics"][name],
+                             "delta": paired[f"{task}/{name}"], "seconds_base": summary["seconds"],
+                             "seconds_dspa": dspa["tasks"][task]["seconds"]})
+    return rows
+
+
+def generation_rows(suite: Path) -> list[dict]:
+    rows = []
+    for bench in ("mt-bench", "alpaca-eval"):
+        for method in ("base", "dspa"):
+            path = suite / f"{bench}-{method}/results.json"
+            if not path.exists():
+                continue
+            r = json.loads(path.read_text())
+            n = r.get("n_judgments") or 2 * r.get("n_instructions", 0)
+            rows.append({"benchmark": bench, "method": method, "judge": r.get("judge"),
+                         "metrics": {k: v for k, v in r["metrics"].items() if "/" not in k},
+                         "n_missing": r.get("n_missing"), "n_judged": n, "n_retried": r.get("n_retried"),
+                         "n_items": r.get("n_questions") or r.get("n_instructions"),
+                         "device": r.get("versions", {}).get("device"), "timings": r.get("timings")})
+    return rows
+
+
+def markdown(mc: list[dict], gen: list[dict]) -> str:
+    lines = ["| task | metric | items | base % [95% CI] | DSPA % [95% CI] | DSPA - base, points (paired 95% CI) |",
+             "|---|---|---|---|---|---|"]
+    for r in mc:
+        lines.append(f"| {r['task']} | {r['metric']} | {r['n']} of {r['available']} | {pct(r['base'])} | "
+                     f"{pct(r['dspa'])} | {delta(r['delta'])} |")
+    if gen:
+        lines += ["", "| benchmark | method | items | judge | score | missing judgments |", "|---|---|---|---|---|---|"]
+        for r in gen:
+            head = "score" if r["benchmark"] == "mt-bench" else "win_rate"
+            m = r["metrics"].get(head, {})
+            value = "–" if m.get("value") is None else f"{m['value']:.2f}" + (
+                f" ± {1.96 * m['se']:.2f}" if m.get("se") else "")
+            extra = "" if r["benchmark"] == "mt-bench" else f" (LC {r['metrics']['lc_win_rate']['value']:.2f})"
+            lines.append(f"| {r['benchmark']} | {r['method']} | {r['n_items']} | {r['judge']} | {head} {value}{extra} | "
+                         f"{r['n_missing']} of {r['n_judged']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suites", nargs="+", type=Path, help="eval_suite.sh output folders (later ones add rows)")
+    parser.add_argument("--out", type=Path, required=True, help="path stem: writes STEM.json and STEM.md")
+    args = parser.parse_args()
+    mc = [row for suite in args.suites for row in mc_rows(suite)]
+    gen = [row for suite in args.suites for row in generation_rows(suite)]
+    write_json(args.out.with_suffix(".json"), {"suites": [str(s) for s in args.suites], "mc": mc, "generation": gen})
+    text = markdown(mc, gen)
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,8 @@
 #
 # Knobs (environment): DEVICE (cuda/cpu; default: what is there), MC_LIMIT (default 2000, the
 # HellaSwag/MMLU subset), MC_ALL_LIMIT (a cap for every task, for a smoke run), MT_LIMIT (default: all
-# 80), AE_LIMIT (default 100), MAX_NEW (default 512), BATCH (default 32), SEEDS (default "0").
+# 80), AE_LIMIT (default 100), MAX_NEW (default 512), BATCH (default 32), SEEDS (default "0"),
+# JUDGE_MODE (MT-Bench: likelihood, the default here for the small local judge, or generate).
 set -euo pipefail
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-runs/eval_suite}
@@ -17,6 +18,7 @@ AE_LIMIT=${AE_LIMIT:-100}
 MAX_NEW=${MAX_NEW:-512}
 BATCH=${BATCH:-32}
 SEEDS=${SEEDS:-0}
+JUDGE_MODE=${JUDGE_MODE:-likelihood}
 common=(${DEVICE:+--device "$DEVICE"})
 mt_limit=(${MT_LIMIT:+--limit "$MT_LIMIT"})
 all_limit=(${MC_ALL_LIMIT:+--limit "$MC_ALL_LIMIT"})
@@ -39,7 +41,7 @@ for method in base dspa; do
   steer=(); [ "$method" = dspa ] && steer=(--intervention "dspa:$MAP")
   saealign eval mt-bench --data-dir "$DATA/mt-bench" --out-dir "$OUT/mt-bench-$method" --name "$method" \
     "${steer[@]}" "${seeds[@]}" "${mt_limit[@]}" --max-new-tokens "$MAX_NEW" --batch-size "$BATCH" \
-    --judge self --judge-max-tokens 256 --judge-batch-size "$BATCH" "${common[@]}"
+    --judge self --judge-mode "$JUDGE_MODE" --judge-max-tokens 256 --judge-batch-size "$BATCH" "${common[@]}"
   saealign eval alpaca-eval --reference-outputs "$DATA/alpaca-eval/results/gpt4_1106_preview/model_outputs.json" \
     --judge-template "$DATA/alpaca-eval/evaluator_prompts/alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt" \
     --out-dir "$OUT/alpaca-eval-$method" --name "$method" "${steer[@]}" "${seeds[@]}" --limit "$AE_LIMIT" \

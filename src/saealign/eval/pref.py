@@ -21,7 +21,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
@@ -91,14 +91,23 @@ def score_triples(model, tokenizer, triples, intervention: Intervention | None =
     response positions."""
     rendered = render_triples(tokenizer, triples, system_prompt=system_prompt_of(intervention), max_length=max_length,
                               progress=False)
+    return score_rendered(model, tokenizer, rendered, max_tokens, desc, progress,
+                          lambda which, idx, ids, attn, resp: apply_intervention(intervention, model, positions=resp))
+
+
+def score_rendered(model, tokenizer, rendered, max_tokens: int, desc: str, progress: bool,
+                   around: Callable[..., ContextManager[Any]]) -> SequenceScores:
+    """The batch loop of every scorer: `around(which, idx, input_ids, attention_mask, response_mask)` is
+    entered around each batch's forward pass (an intervention's hooks, or a cache's recording hooks)."""
     dev = next(model.parameters()).device
     logp = {w: np.zeros(len(rendered)) for w in ("chosen", "rejected")}
     lens = {w: np.zeros(len(rendered), dtype=np.int64) for w in ("chosen", "rejected")}
     with tqdm(total=2 * len(rendered), desc=desc, unit="seq", disable=not progress) as bar:
         for which, idx, b in score_batches(rendered, tokenizer, max_tokens):
-            ids, attn, resp = b["input_ids"].to(dev), b["attention_mask"].to(dev), b["response_mask"].to(dev)
-            with apply_intervention(intervention, model, positions=resp):
-                logp[which][idx], lens[which][idx] = (t.numpy() for t in response_logp(model, ids, attn, resp))
+            ids, attn, resp = (b[k].to(dev) for k in ("input_ids", "attention_mask", "response_mask"))
+            with around(which, idx, ids, attn, resp):
+                lp, n = response_logp(model, ids, attn, resp)
+            logp[which][idx], lens[which][idx] = lp.numpy(), n.numpy()
             bar.update(len(idx))
     return SequenceScores(logp["chosen"], logp["rejected"], lens["chosen"], lens["rejected"])
 

@@ -10,6 +10,7 @@ fifth of the layers. The scores equal `score_triples` on the same batches (a tes
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saealign.data import render_triples, triples_fingerprint
-from saealign.eval.pref import SequenceScores, response_logp, score_batches, store_base_scores
+from saealign.eval.pref import SequenceScores, response_logp, score_rendered, store_base_scores
 from saealign.hooks import HookSession, resume_from_layer
 from saealign.steering import Intervention, apply_intervention, system_prompt_of
 
@@ -52,24 +53,20 @@ class ScoringCache:
         """One base pass. `prompt_reader`: a DSPA whose input SAE and options give the cached g(x)
         (any DSPA with the same input SAE and options can then be scored)."""
         rendered = render_triples(tokenizer, triples, max_length=max_length, progress=False)
-        dev = next(model.parameters()).device
-        logp = {w: np.zeros(len(rendered)) for w in ("chosen", "rejected")}
-        lens = {w: np.zeros(len(rendered), dtype=np.int64) for w in ("chosen", "rejected")}
         batches = []
-        with tqdm(total=2 * len(rendered), desc="base pass (cached)", unit="seq", disable=not progress) as bar:
-            for which, idx, b in score_batches(rendered, tokenizer, max_tokens):
-                ids, attn, resp = b["input_ids"].to(dev), b["attention_mask"].to(dev), b["response_mask"].to(dev)
-                got: dict[str, torch.Tensor | None] = {"g": None}
-                with HookSession(model) as session:
-                    session.add(start, lambda h, ctx: got.__setitem__("resid", h.detach()), site="resid_pre")
-                    if prompt_reader is not None:
-                        session.add(prompt_reader.sae_in.layer,
-                                    lambda h, ctx: got.__setitem__("g", prompt_reader.prompt_features(h, ctx, resp)))
-                    lp, n = response_logp(model, ids, attn, resp)
-                logp[which][idx], lens[which][idx] = lp.numpy(), n.numpy()
-                batches.append(_CachedBatch(which, idx, ids, attn, resp, got["resid"], got["g"]))
-                bar.update(len(idx))
-        base = SequenceScores(logp["chosen"], logp["rejected"], lens["chosen"], lens["rejected"])
+
+        @contextlib.contextmanager
+        def record(which, idx, ids, attn, resp):
+            got: dict[str, torch.Tensor | None] = {"g": None}
+            with HookSession(model) as session:
+                session.add(start, lambda h, ctx: got.__setitem__("resid", h.detach()), site="resid_pre")
+                if prompt_reader is not None:
+                    session.add(prompt_reader.sae_in.layer,
+                                lambda h, ctx: got.__setitem__("g", prompt_reader.prompt_features(h, ctx, resp)))
+                yield
+            batches.append(_CachedBatch(which, idx, ids, attn, resp, got["resid"], got["g"]))
+
+        base = score_rendered(model, tokenizer, rendered, max_tokens, "base pass (cached)", progress, record)
         store_base_scores(model, tokenizer, triples, max_length, base)
         key = _prompt_key(prompt_reader) if prompt_reader is not None else None
         return cls(batches, start, base, triples_fingerprint(triples), key)

@@ -100,7 +100,8 @@ class SparseSum:
         self.coalesce()
         if self._dense is not None:
             return self._dense.clone()
-        return torch.sparse_coo_tensor(self.indices, self.values, (self.m_in, self.m_out)).to_dense()
+        return torch.sparse_coo_tensor(self.indices, self.values, (self.m_in, self.m_out),
+                                       check_invariants=True).to_dense()
 
 
 @dataclass

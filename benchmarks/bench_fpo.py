@@ -212,7 +212,9 @@ def main() -> None:
 
     import torch
 
-    report = {"benchmark": "fpo-vs-baselines", "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+    from saealign.eval import versions
+
+    report = {"benchmark": "fpo-vs-baselines", "versions": versions(), "device": torch.cuda.get_device_name() if torch.cuda.is_available()
               and args.device != "cpu" else f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})",
               "host": platform.node(), "args": {k: str(v) for k, v in vars(args).items() if v is not None},
               "peak_memory_kind": next(iter(runs.values()))["train"]["peak_memory_kind"],

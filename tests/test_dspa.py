@@ -246,3 +246,18 @@ def test_sum_switches_to_dense_and_stays_exact():
     merged += sparse
     merged += filling
     torch.testing.assert_close(merged.dense(), want + sparse.dense())
+
+
+@pytest.mark.parametrize("sink_factor", [10.0, 1.05])
+def test_repe_fit_equals_the_vector_a_dspa_fit_accumulates(sink_factor):
+    """`dspa repe` and the RepE vector of a DSPA map are one definition: the same response tokens, with
+    sinks dropped by the same rule (a factor near 1 makes the rule drop many tokens)."""
+    from saealign.dspa import RepE
+
+    model, tok = build_tiny("llama"), _CharTok()
+    sae_in, sae_out = _tiny_saes()
+    triples = _triples(6)
+    opts = FitOptions(batch_size=6, sink_factor=sink_factor)
+    from_map = fit_map(model, tok, sae_in, sae_out, triples, opts, progress=False).repe_vector()
+    fitted = RepE.fit(model, tok, triples, layer=sae_out.layer, batch_size=6, progress=False, sink_factor=sink_factor)
+    torch.testing.assert_close(fitted.vector.float(), from_map, rtol=1e-4, atol=1e-5)

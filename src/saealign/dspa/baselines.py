@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from saealign import __version__
 from saealign._io import read_json, save_tensors, write_json
+from saealign.activations import DEFAULT_SINK_FACTOR, keep_mask
 from saealign.dspa.map import DSPAMap
 from saealign.dspa.steer import LatentSteerer, SteerConfig, select_latents
 from saealign.hooks import CallContext, HookSession, PositionSpec, read_residuals
@@ -82,7 +83,9 @@ class RepE:
     @classmethod
     @torch.no_grad()
     def fit(cls, model, tokenizer, triples, layer: int, batch_size: int = 8, max_length: int = 1024,
-            progress: bool = True) -> "RepE":
+            progress: bool = True, sink_factor: float = DEFAULT_SINK_FACTOR) -> "RepE":
+        """Mean over triples of (mean chosen - mean rejected residual at `layer` over response tokens),
+        sink tokens dropped by the rule every statistic uses (`activations.keep_mask`), as in a DSPA fit."""
         from saealign.data import collate_pairs, render_triples, triples_fingerprint
 
         rendered = render_triples(tokenizer, triples, max_length=max_length, progress=False)
@@ -95,7 +98,8 @@ class RepE:
             for which in ("chosen", "rejected"):
                 b = collate_pairs(items, tokenizer, which, "right")
                 h = read_residuals(model, b["input_ids"].to(dev), b["attention_mask"].to(dev), [layer])[layer].float()
-                m = b["response_mask"].to(dev).unsqueeze(-1).float()
+                attn = b["attention_mask"].to(dev)
+                m = (b["response_mask"].to(dev) & keep_mask(h, attn, sink_factor)).unsqueeze(-1).float()
                 means.append((h * m).sum(1) / m.sum(1).clamp_min(1))
             diff = (means[0] - means[1]).sum(0)
             total = diff if total is None else total + diff

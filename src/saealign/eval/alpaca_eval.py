@@ -312,7 +312,7 @@ def run_alpaca_eval(cfg: AlpacaEvalConfig, model=None, tokenizer=None, intervent
     """Generate per seed (resuming from existing output files), judge (resuming from the cache), score.
     A rerun with other generation settings in the same `out_dir` is refused (`saealign.eval.start_run`)."""
     from saealign._io import write_json
-    from saealign.eval.judges import build_judge
+    from saealign.eval.judges import judge_of
 
     if cfg.reference_outputs is None or cfg.judge_template is None or cfg.out_dir is None:
         raise ValueError("reference_outputs, judge_template and out_dir are required")
@@ -351,11 +351,7 @@ def run_alpaca_eval(cfg: AlpacaEvalConfig, model=None, tokenizer=None, intervent
         return {"outputs": [str(out / f"model_outputs-seed{s}.json") for s in cfg.seeds], "timings": timings}
 
     if judge is None:
-        judge = build_judge(cfg.judge, base_url=cfg.judge_base_url, api_key_env=cfg.judge_api_key_env,
-                            concurrency=cfg.judge_concurrency, max_retries=cfg.judge_max_retries,
-                            timeout_s=cfg.judge_timeout_s, cache=Path(cfg.judge_cache or out / "judge_cache.sqlite"),
-                            device=cfg.device, dtype=cfg.dtype, batch_size=cfg.judge_batch_size,
-                            policy=(model, tokenizer))
+        judge = judge_of(cfg, Path(cfg.judge_cache or out / "judge_cache.sqlite"), policy=(model, tokenizer))
     rows = [(seed, k) for seed in cfg.seeds for k in range(len(references))]
     items = [(references[k]["instruction"], references[k]["output"], outputs[seed][references[k]["instruction"]])
              for seed, k in rows]

@@ -393,3 +393,12 @@ def build_judge(spec: str, *, base_url: str | None = None, api_key_env: str = "O
             raise ValueError("judge `self` needs the evaluated model")
         return HFJudge(*policy, batch_size=batch_size, cache=cache)
     raise ValueError(f"unknown judge {spec!r}: expected openai:MODEL, hf:NAME_OR_PATH, rm:PATH or self")
+
+
+def judge_of(cfg: Any, cache: str | os.PathLike, policy: tuple[Any, Any] | None = None) -> Judge:
+    """The judge a benchmark config names through its `judge` and `judge_*` fields (`eval mt-bench`,
+    `eval alpaca-eval`), with its judgments cached at `cache`."""
+    return build_judge(cfg.judge, base_url=cfg.judge_base_url, api_key_env=cfg.judge_api_key_env,
+                       concurrency=cfg.judge_concurrency, max_retries=cfg.judge_max_retries,
+                       timeout_s=cfg.judge_timeout_s, cache=cache, device=cfg.device, dtype=cfg.dtype,
+                       batch_size=cfg.judge_batch_size, policy=policy)

@@ -370,7 +370,7 @@ def run_mt_bench(cfg: MTBenchConfig, model=None, tokenizer=None, intervention=No
     Writes `config.json`, the FastChat files and `results.json` under `cfg.out_dir`; a rerun with other
     generation settings in the same `out_dir` is refused (see `saealign.eval.start_run`)."""
     from saealign._io import write_json
-    from saealign.eval.judges import build_judge
+    from saealign.eval.judges import judge_of
 
     paths = cfg.paths()
     out = Path(cfg.out_dir)
@@ -401,10 +401,7 @@ def run_mt_bench(cfg: MTBenchConfig, model=None, tokenizer=None, intervention=No
         return {"answers": str(answer_path), "timings": timings}
 
     if judge is None:
-        judge = build_judge(cfg.judge, base_url=cfg.judge_base_url, api_key_env=cfg.judge_api_key_env,
-                            concurrency=cfg.judge_concurrency, max_retries=cfg.judge_max_retries,
-                            timeout_s=cfg.judge_timeout_s, cache=paths["judge_cache"], device=cfg.device,
-                            dtype=cfg.dtype, batch_size=cfg.judge_batch_size, policy=(model, tokenizer))
+        judge = judge_of(cfg, paths["judge_cache"], policy=(model, tokenizer))
     prompts = load_judge_prompts(paths["judge_prompts"])
     needs_ref = any(q["category"] in NEED_REF_CATS for q in questions)
     references = load_reference_answers(paths["reference_answers"]) if needs_ref else {}

@@ -53,6 +53,7 @@ def generation_rows(suite: Path) -> list[dict]:
             r = json.loads(path.read_text())
             n = r.get("n_judgments") or 2 * r.get("n_instructions", 0)
             rows.append({"benchmark": bench, "method": method, "judge": r.get("judge"),
+                         "judge_mode": r["config"].get("judge_mode"), "max_new_tokens": r["config"].get("max_new_tokens"),
                          "metrics": {k: v for k, v in r["metrics"].items() if "/" not in k},
                          "n_missing": r.get("n_missing"), "n_judged": n, "n_retried": r.get("n_retried"),
                          "n_items": r.get("n_questions") or r.get("n_instructions"),
@@ -62,19 +63,21 @@ def generation_rows(suite: Path) -> list[dict]:
 
 def markdown(mc: list[dict], gen: list[dict]) -> str:
     lines = ["| task | metric | items | base % [95% CI] | DSPA % [95% CI] | DSPA - base, points (paired 95% CI) |",
-             "|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|"] if mc else []
     for r in mc:
         lines.append(f"| {r['task']} | {r['metric']} | {r['n']} of {r['available']} | {pct(r['base'])} | "
                      f"{pct(r['dspa'])} | {delta(r['delta'])} |")
     if gen:
-        lines += ["", "| benchmark | method | items | judge | score | missing judgments |", "|---|---|---|---|---|---|"]
+        lines += ([""] if lines else []) + ["| benchmark | method | items | judge | score | missing judgments |",
+                                            "|---|---|---|---|---|---|"]
         for r in gen:
             head = "score" if r["benchmark"] == "mt-bench" else "win_rate"
             m = r["metrics"].get(head, {})
             value = "–" if m.get("value") is None else f"{m['value']:.2f}" + (
                 f" ± {1.96 * m['se']:.2f}" if m.get("se") else "")
             extra = "" if r["benchmark"] == "mt-bench" else f" (LC {r['metrics']['lc_win_rate']['value']:.2f})"
-            lines.append(f"| {r['benchmark']} | {r['method']} | {r['n_items']} | {r['judge']} | {head} {value}{extra} | "
+            lines.append(f"| {r['benchmark']} | {r['method']} | {r['n_items']} | {r['judge']} ({r['judge_mode']}) | "
+                         f"{head} {value}{extra} | "
                          f"{r['n_missing']} of {r['n_judged']} |")
     return "\n".join(lines) + "\n"
 

@@ -53,7 +53,9 @@ def generation_rows(suite: Path) -> list[dict]:
             r = json.loads(path.read_text())
             n = r.get("n_judgments") or 2 * r.get("n_instructions", 0)
             rows.append({"benchmark": bench, "method": method, "judge": r.get("judge"),
-                         "judge_mode": r["config"].get("judge_mode", "generate"),  # the only mode before the option "max_new_tokens": r["config"].get("max_new_tokens"),
+                         # runs from before --judge-mode existed were generative
+                         "judge_mode": r["config"].get("judge_mode", "generate"),
+                         "max_new_tokens": r["config"].get("max_new_tokens"),
                          "metrics": {k: v for k, v in r["metrics"].items() if "/" not in k},
                          "n_missing": r.get("n_missing"), "n_judged": n, "n_retried": r.get("n_retried"),
                          "n_items": r.get("n_questions") or r.get("n_instructions"),

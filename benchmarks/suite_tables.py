@@ -43,6 +43,31 @@ def mc_rows(suite: Path) -> list[dict]:
     return rows
 
 
+def _expected_ratings(run: Path, result: dict) -> dict:
+    """(question, turn, choice) -> expected rating, from an MT-Bench likelihood-mode judgment file."""
+    path = run / "model_judgment" / Path(result.get("judgments", "none")).name
+    if result["benchmark"] != "mt-bench" or not path.exists():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return {(j["question_id"], j["turn"], j["choice"]): j["expected_rating"] for j in records if "expected_rating" in j}
+
+
+def _mean_ci(values: list[float]) -> dict:
+    mean = sum(values) / len(values)
+    se = (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
+    return {"value": mean, "se": se, "ci95": [mean - 1.96 * se, mean + 1.96 * se], "n": len(values)}
+
+
+def paired_expected_rating(suite: Path) -> dict | None:
+    """DSPA minus base expected MT-Bench rating over the judgments both have (likelihood mode)."""
+    ratings = []
+    for method in ("base", "dspa"):
+        path = suite / f"mt-bench-{method}/results.json"
+        ratings.append(_expected_ratings(path.parent, json.loads(path.read_text())) if path.exists() else {})
+    common = sorted(ratings[0].keys() & ratings[1].keys())
+    return _mean_ci([ratings[1][k] - ratings[0][k] for k in common]) if len(common) > 1 else None
+
+
 def generation_rows(suite: Path) -> list[dict]:
     rows = []
     for bench in ("mt-bench", "alpaca-eval"):
@@ -52,6 +77,7 @@ def generation_rows(suite: Path) -> list[dict]:
                 continue
             r = json.loads(path.read_text())
             n = r.get("n_judgments") or 2 * r.get("n_instructions", 0)
+            expected = _expected_ratings(suite / f"{bench}-{method}", r)
             rows.append({"benchmark": bench, "method": method, "judge": r.get("judge"),
                          # runs from before --judge-mode existed were generative
                          "judge_mode": r["config"].get("judge_mode", "generate"),
@@ -59,7 +85,8 @@ def generation_rows(suite: Path) -> list[dict]:
                          "metrics": {k: v for k, v in r["metrics"].items() if "/" not in k},
                          "n_missing": r.get("n_missing"), "n_judged": n, "n_retried": r.get("n_retried"),
                          "n_items": r.get("n_questions") or r.get("n_instructions"),
-                         "device": r.get("versions", {}).get("device"), "timings": r.get("timings")})
+                         "device": r.get("versions", {}).get("device"), "timings": r.get("timings"),
+                         **({"expected_rating": _mean_ci(list(expected.values()))} if expected else {})})
     return rows
 
 
@@ -77,7 +104,9 @@ def markdown(mc: list[dict], gen: list[dict]) -> str:
             m = r["metrics"].get(head, {})
             value = "–" if m.get("value") is None else f"{m['value']:.2f}" + (
                 f" ± {1.96 * m['se']:.2f}" if m.get("se") else "")
-            extra = "" if r["benchmark"] == "mt-bench" else f" (LC {r['metrics']['lc_win_rate']['value']:.2f})"
+            extra = f" (LC {r['metrics']['lc_win_rate']['value']:.2f})" if r["benchmark"] == "alpaca-eval" else (
+                f"; expected rating {r['expected_rating']['value']:.3f} ± {1.96 * r['expected_rating']['se']:.3f}"
+                if "expected_rating" in r else "")
             lines.append(f"| {r['benchmark']} | {r['method']} | {r['n_items']} | {r['judge']} ({r['judge_mode']}) | "
                          f"{head} {value}{extra} | "
                          f"{r['n_missing']} of {r['n_judged']} |")
@@ -91,8 +120,12 @@ def main() -> None:
     args = parser.parse_args()
     mc = [row for suite in args.suites for row in mc_rows(suite)]
     gen = [row for suite in args.suites for row in generation_rows(suite)]
-    write_json(args.out.with_suffix(".json"), {"suites": [str(s) for s in args.suites], "mc": mc, "generation": gen})
-    text = markdown(mc, gen)
+    paired = [d for suite in args.suites if (d := paired_expected_rating(suite))]
+    write_json(args.out.with_suffix(".json"), {"suites": [str(s) for s in args.suites], "mc": mc, "generation": gen,
+                                               "mt_bench_expected_rating_dspa_minus_base": paired})
+    text = markdown(mc, gen) + "".join(
+        f"\nMT-Bench expected rating, DSPA - base, paired over {d['n']} judgments: {d['value']:+.3f} "
+        f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]\n" for d in paired)
     args.out.with_suffix(".md").write_text(text)
     print(text)
 

@@ -123,8 +123,11 @@ def table(report: dict) -> str:
     lines = [f"| loss | lr (chosen on val.) | val. pref. acc. % | test pref. acc. % [95% CI] | reward acc. vs ref. % | "
              f"entropy | feature MSE (top-k) | KL/token to ref. | s/step | peak memory MB ({kind}) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    pct = lambda m: "-" if m is None else (f"{100 * m['value']:.1f}" + (
-        f" [{100 * m['ci95'][0]:.1f}, {100 * m['ci95'][1]:.1f}]" if m.get("ci95") else ""))
+    from saealign.eval import percent_cell
+
+    def pct(m: dict | None) -> str:
+        return percent_cell(m, missing="-")
+
     for v, r in report["runs"].items():
         t, m = r["train"], r["test"]["metrics"]
         val = r["val"][str(r["lr"])]["metrics"]["preference_accuracy"]

@@ -12,13 +12,8 @@ import json
 from pathlib import Path
 
 from saealign._io import write_json
-
-
-def pct(m: dict | None) -> str:
-    if m is None or m.get("value") is None:
-        return "–"
-    ci = m.get("ci95")
-    return f"{100 * m['value']:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+from saealign.eval import percent_cell
+from saealign.eval.mc import mean_interval
 
 
 def delta(m: dict) -> str:
@@ -52,12 +47,6 @@ def _expected_ratings(run: Path, result: dict) -> dict:
     return {(j["question_id"], j["turn"], j["choice"]): j["expected_rating"] for j in records if "expected_rating" in j}
 
 
-def _mean_ci(values: list[float]) -> dict:
-    mean = sum(values) / len(values)
-    se = (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
-    return {"value": mean, "se": se, "ci95": [mean - 1.96 * se, mean + 1.96 * se], "n": len(values)}
-
-
 def paired_expected_rating(suite: Path) -> dict | None:
     """DSPA minus base expected MT-Bench rating over the judgments both have (likelihood mode)."""
     ratings = []
@@ -65,7 +54,7 @@ def paired_expected_rating(suite: Path) -> dict | None:
         path = suite / f"mt-bench-{method}/results.json"
         ratings.append(_expected_ratings(path.parent, json.loads(path.read_text())) if path.exists() else {})
     common = sorted(ratings[0].keys() & ratings[1].keys())
-    return _mean_ci([ratings[1][k] - ratings[0][k] for k in common]) if len(common) > 1 else None
+    return mean_interval([ratings[1][k] - ratings[0][k] for k in common]) if len(common) > 1 else None
 
 
 def generation_rows(suite: Path) -> list[dict]:
@@ -86,7 +75,7 @@ def generation_rows(suite: Path) -> list[dict]:
                          "n_missing": r.get("n_missing"), "n_judged": n, "n_retried": r.get("n_retried"),
                          "n_items": r.get("n_questions") or r.get("n_instructions"),
                          "device": r.get("versions", {}).get("device"), "timings": r.get("timings"),
-                         **({"expected_rating": _mean_ci(list(expected.values()))} if expected else {})})
+                         **({"expected_rating": mean_interval(list(expected.values()))} if expected else {})})
     return rows
 
 
@@ -94,8 +83,8 @@ def markdown(mc: list[dict], gen: list[dict]) -> str:
     lines = ["| task | metric | items | base % [95% CI] | DSPA % [95% CI] | DSPA - base, points (paired 95% CI) |",
              "|---|---|---|---|---|---|"] if mc else []
     for r in mc:
-        lines.append(f"| {r['task']} | {r['metric']} | {r['n']} of {r['available']} | {pct(r['base'])} | "
-                     f"{pct(r['dspa'])} | {delta(r['delta'])} |")
+        lines.append(f"| {r['task']} | {r['metric']} | {r['n']} of {r['available']} | {percent_cell(r['base'])} | "
+                     f"{percent_cell(r['dspa'])} | {delta(r['delta'])} |")
     if gen:
         lines += ([""] if lines else []) + ["| benchmark | method | items | judge | score | missing judgments |",
                                             "|---|---|---|---|---|---|"]

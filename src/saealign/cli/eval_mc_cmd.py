@@ -7,18 +7,10 @@ from rich.table import Table
 
 from saealign.cli import eval_app
 from saealign.cli._config import config_command
+from saealign.eval import percent_cell
 from saealign.eval.mc import MCConfig, run_mc
 
 console = Console()
-
-
-def _cell(m: dict | None) -> str:
-    if m is None:
-        return "–"
-    if m.get("ci95") is None:
-        return f"{100 * m['value']:.1f}"
-    lo, hi = m["ci95"]
-    return f"{100 * m['value']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 @config_command(eval_app, "mc", MCConfig)
@@ -31,7 +23,7 @@ def mc(cfg: MCConfig) -> None:
     deltas = result.get("paired_vs_baseline", {}).get("delta", {})
     for task, summary in result["tasks"].items():
         for name, m in summary["metrics"].items():
-            table.add_row(task, str(summary["n"]), name, _cell(m), _cell(deltas.get(f"{task}/{name}")))
+            table.add_row(task, str(summary["n"]), name, percent_cell(m), percent_cell(deltas.get(f"{task}/{name}")))
     console.print(table)
     if cfg.out_dir is not None:
         console.print(f"written: {cfg.out_dir}/results.json")

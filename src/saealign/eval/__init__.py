@@ -51,6 +51,14 @@ def select_subset(items: Sequence[T], limit: int | None, seed: int = 0) -> list[
     return [items[i] for i in keep]
 
 
+def percent_cell(m: dict[str, Any] | None, missing: str = "–") -> str:
+    """A proportion as a table cell: `52.3 [48.1, 56.4]` (percent, with its 95 % interval when it has one)."""
+    if m is None or m.get("value") is None:
+        return missing
+    ci = m.get("ci95")
+    return f"{100 * m['value']:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
 def metric(value: float | None, se: float | None = None) -> dict[str, float | None]:
     return {"value": None if value is None else float(value), "se": None if se is None else float(se)}
 

@@ -207,13 +207,10 @@ def evaluate_preferences(model, tokenizer, triples, methods: dict[str, Intervent
 
 def markdown_table(result: dict, title: str = "") -> str:
     """Methods x metrics, percentages with 95 % intervals."""
+    from saealign.eval import percent_cell
+
     def cell(m: dict | None) -> str:
-        if m is None:
-            return "—"
-        if "ci95" in m:
-            lo, hi = m["ci95"]
-            return f"{100 * m['value']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
-        return f"{100 * m['value']:.1f}"
+        return percent_cell(m, missing="—")
 
     lines = [f"**{title}** (n = {result['triples']})" if title else f"n = {result['triples']}", "",
              "| method | reward acc. vs base % [95% CI] | ties % | pref. acc. (sum) % | pref. acc. (length-norm.) % |",

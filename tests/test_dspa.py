@@ -162,10 +162,14 @@ def test_steering_off_equals_base_and_batch_equals_single():
         base = model.generate(input_ids=ids, attention_mask=mask, **kw)
         with dspa.apply(model):
             steered = model.generate(input_ids=ids, attention_mask=mask, **kw)
+            edited = dspa.edited_tokens
             singles = [model.generate(input_ids=torch.tensor([p]), **kw)[0, len(p):] for p in prompts]
             uncached = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kw)
         again = model.generate(input_ids=ids, attention_mask=mask, **kw)
     assert torch.equal(base, again), "hooks left behind after the context exited"
+    # 3 rows x 4 fed-back tokens can be edited in generate (the first new token comes from the prompt)
+    assert 0 < edited <= 12, "DSPA edited no generated token: steering silently off"
+    assert not torch.equal(steered, base), "steering changed no token; the comparisons below would prove nothing"
     for row, single in zip(steered[:, width:], singles):
         assert torch.equal(row, single)
     assert torch.equal(steered, uncached)

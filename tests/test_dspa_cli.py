@@ -71,6 +71,15 @@ def test_fit_info_merge_generate_eval(tiny_setup, tmp_path):
                               "--n-boot", "200", "--output", str(tmp_path / "eval")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "eval" / "results.md").read_text().count("|") > 10
+    # `saealign report` reads what `eval pref` wrote: one row per method, the reward-accuracy column filled
+    res = runner.invoke(app, ["report", str(tmp_path / "eval"), "--out", str(tmp_path / "report")])
+    assert res.exit_code == 0, res.output
+    table = (tmp_path / "report" / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert {"base", "prompt-prefix"} <= rows.keys() and any(k.startswith("dspa") for k in rows)
+    assert "pref:" in table and "reward_acc" in table
+    dspa_row = next(v for k, v in rows.items() if k.startswith("dspa"))
+    assert dspa_row.split("|")[2].strip() not in ("", "–")
 
 
 def test_mismatched_sae_is_refused(tiny_setup, tmp_path):

@@ -140,3 +140,44 @@ def test_session_resets_between_generations(tiny_llama):
         tiny_llama.generate(input_ids=torch.randint(3, 500, (1, 4)), max_new_tokens=2, do_sample=False, pad_token_id=0)
         tiny_llama.generate(input_ids=torch.randint(3, 500, (1, 7)), max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert prompt_lens == [4, 4, 7, 7]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_no_decode_step_is_taken_for_a_new_prompt(arch, use_cache):
+    """Each `generate` is one prefill, then continuations whose past length grows by one token a step
+    (with the KV cache). A decode step mistaken for a new prompt would make every steering method
+    recompute its prompt features from one generated token and edit nothing."""
+    model = build_tiny(arch)
+    seen = []
+    session = HookSession(model)
+    session.add(1, lambda h, ctx: seen.append((ctx.is_prefill, ctx.past_len, ctx.prompt_len, h.shape[1])))
+    ids, mask = _left_pad([[5, 6, 7, 8, 9], [11, 12, 13]])
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=use_cache)
+    with session, torch.no_grad():
+        for _ in range(2):
+            model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert session.prefill_calls == 2 and session.continued_calls == 6
+    for run in (seen[:4], seen[4:]):
+        assert run[0] == (True, 0, 5, 5)
+        assert all(not prefill and prompt_len == 5 for prefill, _, prompt_len, _ in run[1:])
+        if use_cache:
+            assert [(past, seq) for _, past, _, seq in run[1:]] == [(5, 1), (6, 1), (7, 1)]
+
+
+def test_past_length_from_the_cache_object(tiny_llama):
+    """The past length comes from the cache object whatever keyword carries it (`cache` or
+    `past_key_values`, by the running transformers), never from a keyword's name."""
+    from saealign.models import cache_argument, returned_cache
+
+    ids = torch.randint(3, 500, (1, 6))
+    seen = []
+    session = HookSession(tiny_llama)
+    session.add(0, lambda h, ctx: seen.append((ctx.is_prefill, ctx.past_len)))
+    with session, torch.no_grad():
+        out = tiny_llama(input_ids=ids, use_cache=True)
+        cache = returned_cache(out)
+        tiny_llama(input_ids=ids[:, :1], attention_mask=torch.ones(1, 7, dtype=torch.long),
+                   use_cache=True, **cache_argument(tiny_llama, cache))
+        tiny_llama(input_ids=ids[:, :2], use_cache=False)  # a new, unrelated prompt
+    assert seen == [(True, 0), (False, 6), (True, 0)]

@@ -53,3 +53,33 @@ def test_teacher_forced_scores_match_manual(tiny_llama):
         want = logp[torch.arange(len(target)), target][len(r.prompt_ids) - 1:].sum().item()
         assert got.logp_chosen[i] == pytest.approx(want, abs=1e-3)
         assert got.len_chosen[i] == len(r.chosen_ids)
+
+
+class _NoLogitMask(torch.nn.Module):
+    """A model as transformers 5.17 behaves: `logits_to_keep` is in the signature, but a boolean mask
+    indexes the sequence axis and fails inside the forward (IndexError)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, use_cache=None, logits_to_keep=0):
+        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool:
+            raise IndexError("too many indices for tensor of dimension 3")
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                          use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+
+def test_scoring_without_boolean_logits_to_keep_equals_with_it(tiny_llama):
+    """The GPU image's transformers 5.17 case: found by behaviour, then the full-logits path, same scores."""
+    from saealign.eval.pref import score_triples
+    from saealign.models import takes_logit_mask
+
+    tok, triples = CharTok(), char_triples(4)
+    old = _NoLogitMask(tiny_llama)
+    assert not takes_logit_mask(old)
+    got = score_triples(old, tok, triples, progress=False)
+    want = score_triples(tiny_llama, tok, triples, progress=False)
+    np.testing.assert_allclose(got.logp_chosen, want.logp_chosen, rtol=1e-5)
+    np.testing.assert_allclose(got.logp_rejected, want.logp_rejected, rtol=1e-5)
+    assert np.all(got.logp_chosen < 0)

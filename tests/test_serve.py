@@ -30,13 +30,16 @@ class Shift:
     """A test intervention: adds a large vector to the last layer's residual stream at generated positions."""
 
     def __init__(self, vector, system_prompt=None):
-        self.vector, self.system_prompt, self.entered = vector, system_prompt, 0
+        self.vector, self.system_prompt, self.entered, self.edited = vector, system_prompt, 0, 0
+
+    def _shift(self, h, ctx):
+        self.edited += int(ctx.mask.sum())  # positions this call edits (generated tokens)
+        return h + self.vector
 
     @contextmanager
     def apply(self, model, positions="generation"):
         self.entered += 1
-        with edit_residual(model, model.config.num_hidden_layers - 1, lambda h, ctx: h + self.vector,
-                           positions=positions):
+        with edit_residual(model, model.config.num_hidden_layers - 1, self._shift, positions=positions):
             yield
 
 
@@ -79,6 +82,7 @@ def test_intervention_is_applied_and_system_prompt_rendered(model, smol_tokenize
     shift = Shift(torch.randn(model.config.hidden_size) * 50)
     steered = generate_chat(model, smol_tokenizer, CONVS, Sampling(max_new_tokens=6), intervention=shift, progress=False)
     assert shift.entered == 1 and steered != base
+    assert shift.edited == 5 * len(CONVS)  # every fed-back generated token of every row, none of the prompt
     # the hooks are gone afterwards
     assert generate_chat(model, smol_tokenizer, CONVS, Sampling(max_new_tokens=6), progress=False) == base
     prompt = render_chat(smol_tokenizer, CONVS[0], "Be brief.")
@@ -201,6 +205,8 @@ def test_api_key_and_steered_server(model, smol_tokenizer, monkeypatch):
         assert _post(srv.url + "/chat/completions", body)[0] == 401
         status, out = _post(srv.url + "/chat/completions", body, key="sekret")
         assert status == 200 and out["model"] == "steered" and shift.entered == 1
+        # 5 new tokens: the 4 fed back through the model are edited (the first comes from the prompt)
+        assert shift.edited == 4, "the server's requests were not steered"
         direct = generate_chat(model, smol_tokenizer, CONVS[:1], Sampling(max_new_tokens=5), intervention=shift,
                                progress=False)[0]
         assert out["choices"][0]["message"]["content"] == direct

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.table import Table
 
 DEMO_DATA = Path(__file__).resolve().parent / "resources" / "demo_preferences.jsonl"
@@ -66,23 +67,32 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     console.print(f"map: {dspa_map.a_sum.nnz} non-zero entries, {dspa_map.config['fit_seconds']} s "
                   f"-> {Path(cfg.output) / 'map'}")
     steer = DSPA(dspa_map, sae_in, sae_out, SteerConfig(alpha=cfg.alpha, k_prompt=cfg.k_prompt, k_diff=cfg.k_diff, record=True))
+    console.print(f"steering: DSPA mode={steer.cfg.mode} alpha={steer.cfg.alpha} k_prompt={steer.cfg.k_prompt} "
+                  f"k_diff={steer.cfg.k_diff}, generated tokens only, greedy, {cfg.max_new_tokens} new tokens")
 
     convs = [t.prompt for t in held[: cfg.show]]
     sampling = Sampling(max_new_tokens=cfg.max_new_tokens)
     base = generate_chat(model, tok, convs, sampling, progress=False)
-    steered = generate_chat(model, tok, convs, sampling, intervention=steer, progress=False)
-    table = Table(title="held-out prompts: base vs DSPA (greedy)", show_lines=True)
-    for col in ("prompt", "base", "DSPA"):
-        table.add_column(col, ratio=1)
-    for conv, b, s in zip(convs, base, steered):
-        table.add_row(conv[-1]["content"], b, s)
+    steered, edits = [], []
+    for conv in convs:  # one prompt at a time, to count each prompt's edits (batched output is the same)
+        before = steer.edited_tokens
+        steered += generate_chat(model, tok, [conv], sampling, intervention=steer, progress=False)
+        edits.append(steer.edited_tokens - before)
+    changed = sum(b != s for b, s in zip(base, steered))
+    table = Table(title=f"held-out prompts: base vs DSPA (greedy); {changed} of {len(convs)} answers changed",
+                  show_lines=True)
+    for col, ratio in (("prompt", 2), ("base", 3), ("DSPA", 3), ("tokens edited", 1)):
+        table.add_column(col, ratio=ratio)
+    for conv, b, s, n in zip(convs, base, steered, edits):
+        table.add_row(conv[-1]["content"], b, s, f"{n}" + ("" if b != s else "\n(same answer)"))
     console.print(table)
     counts = Counter(lat for r in steer.records for lat in r.latents)
-    console.print(f"DSPA edited {len(steer.records)} generated token positions; output-SAE latents edited most often "
-                  f"(latent: tokens): {counts.most_common(10)}")
+    console.print(f"DSPA edited {steer.edited_tokens} generated token positions in total. Output-SAE latents "
+                  "edited most often (latent: tokens): "
+                  + ", ".join(f"{lat}: {n}" for lat, n in counts.most_common(10)))
 
     result = evaluate_preferences(model, tok, held, {"base": None, "dspa": steer}, n_boot=1000, seed=cfg.seed, progress=False)
-    console.print(markdown_table(result, "held-out demo triples (tiny n: intervals are wide)"))
+    console.print(Markdown(markdown_table(result, "held-out demo triples (tiny n: intervals are wide)", legend=True)))
     console.print(f"done in {time.time() - t0:.0f} s. Real data and the full protocol:\n"
                   "  saealign data inspect ../shared/data/hh-rlhf/helpful-online/test.jsonl.gz\n"
                   "  saealign dspa fit --data ../shared/data --data-role fit --n 1000 --output runs/map\n"

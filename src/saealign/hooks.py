@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Literal
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 Site = Literal["resid_post", "resid_pre"]
 PositionSpec = Literal["prompt", "generation", "all"] | torch.Tensor
@@ -139,6 +140,23 @@ class CallContext:
         raise ValueError(f"positions must be 'prompt', 'generation', 'all' or a (batch, seq) bool tensor, got {spec!r}")
 
 
+def _past_length(kwargs: dict, attention_mask: torch.Tensor | None, seq: int) -> int:
+    """Tokens already in the KV cache for this forward call.
+
+    Read from things every transformers 5.x release provides, never from a kwarg's name: the cache
+    is found by its type (`transformers.cache_utils.Cache`) among the keyword arguments, since its
+    name has moved (`past_key_values` until 5.23, `cache` from 5.24) and may move again. Without a
+    cache object, a 2-D attention mask wider than the new tokens covers past + current positions
+    (as `generate` passes it). Neither present: a fresh forward with no past.
+    """
+    for value in kwargs.values():
+        if isinstance(value, Cache):
+            return int(value.get_seq_length())
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] > seq:
+        return int(attention_mask.shape[1] - seq)
+    return 0
+
+
 # A layer function gets the residual (batch, seq, d) and the call context; it returns a replacement
 # tensor (edit) or None (read only). Edits are applied only where ctx.mask is True.
 LayerFn = Callable[[torch.Tensor, CallContext], "torch.Tensor | None"]
@@ -158,6 +176,8 @@ class HookSession:
         self._prompt_ids: torch.Tensor | None = None
         self._prompt_len = 0
         self.layers: list[int] = []  # the decoder layers hooked, in order added
+        self.prefill_calls = 0  # forward calls taken as a new prompt ...
+        self.continued_calls = 0  # ... and as a continuation of one (decode steps)
         self._handles.append(model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
 
     # -- per-call bookkeeping ------------------------------------------------------------------
@@ -166,9 +186,8 @@ class HookSession:
         embeds = kwargs.get("inputs_embeds")
         ref = input_ids if input_ids is not None else embeds
         batch, seq = ref.shape[0], ref.shape[1]
-        cache = kwargs.get("past_key_values")
-        past_len = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         full_mask = kwargs.get("attention_mask")
+        past_len = _past_length(kwargs, full_mask, seq)
         if full_mask is not None and full_mask.dim() == 2:
             attn = full_mask[:, -seq:].bool()
         else:
@@ -177,8 +196,10 @@ class HookSession:
             self._prompt_len = seq  # a new prompt (prefill)
             self._prompt_ids = input_ids.detach() if input_ids is not None else None
             is_prefill = True
+            self.prefill_calls += 1
         else:
             is_prefill = False
+            self.continued_calls += 1
         self._ctx = CallContext(input_ids, attn, past_len, self._prompt_len, is_prefill)
 
     def _continues_prompt(self, input_ids: torch.Tensor | None) -> bool:

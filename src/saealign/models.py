@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -190,3 +191,49 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
 def model_id(model) -> str:
     """The identity recorded in artifacts: the alias/path it was loaded from, else its config name."""
     return getattr(model.config, "saealign_model_id", None) or model.config.name_or_path or model.config.model_type
+
+
+_MASKED_LOGITS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def takes_logit_mask(model) -> bool:
+    """Whether `model(..., logits_to_keep=mask)` with a boolean (batch, seq) mask returns just the
+    masked positions' logits, flattened to (n, vocab).
+
+    transformers added this during 5.x without changing the signature (5.17 indexes the sequence axis
+    with the mask and raises IndexError), so it is found by behaviour: one forward on a 2-token input,
+    once per model. Call it with no hooks attached (the probe is a forward call like any other).
+    """
+    known = _MASKED_LOGITS.get(model)
+    if known is None:
+        device = next(model.parameters()).device
+        ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+        keep = torch.tensor([[True, False]], device=device)
+        try:
+            logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+            known = logits.dim() == 2 and logits.shape[0] == 1
+        except (IndexError, RuntimeError, TypeError, ValueError):
+            known = False
+        _MASKED_LOGITS[model] = known
+    return known
+
+
+def returned_cache(output):
+    """The KV cache a forward call returned, found by type (`transformers.cache_utils.Cache`): the
+    output field is `past_key_values` before transformers 5.24 and `cache` from it on."""
+    from transformers.cache_utils import Cache
+
+    for value in output.values():
+        if isinstance(value, Cache):
+            return value
+    raise ValueError("the forward call returned no KV cache (was it called with use_cache=True?)")
+
+
+def cache_argument(model, cache) -> dict:
+    """`{name: cache}` to pass a KV cache back into `model(...)`: `cache` where the model's forward
+    declares it (transformers >= 5.24), else `past_key_values` (deprecated from 5.24)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through PEFT wrappers
+    return {"cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values": cache}

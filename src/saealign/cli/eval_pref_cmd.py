@@ -68,7 +68,7 @@ def run_pref_eval(cfg: PrefEvalConfig, model=None, tokenizer=None) -> dict:
     if cfg.output:
         out = Path(cfg.output)
         write_json(out / "results.json", result)
-        (out / "results.md").write_text(markdown_table(result, f"{cfg.data_role or cfg.data}"))
+        (out / "results.md").write_text(markdown_table(result, f"{cfg.data_role or cfg.data}", legend=True))
     return result
 
 

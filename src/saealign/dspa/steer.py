@@ -93,6 +93,7 @@ class LatentSteerer:
         self.sae_out = sae_out
         self.cfg = cfg
         self.records: list[EditRecord] = []
+        self.edited_tokens = 0  # token positions changed so far (always counted: proof that steering acted)
         self._sets: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def latent_sets(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -110,8 +111,10 @@ class LatentSteerer:
         f_new = edit_latents(f, minus[rows], plus[rows], self.cfg.alpha)
         diff = f_new - f
         changed = diff.ne(0).any(-1)
-        if not changed.any():
+        n_changed = int(changed.sum())
+        if n_changed == 0:
             return None
+        self.edited_tokens += n_changed
         out = hidden.clone()
         delta = diff[changed] @ sae.W_dec
         r, c = rows[changed], cols[changed]

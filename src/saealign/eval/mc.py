@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from saealign._io import read_json, text_fingerprint, write_json
 from saealign.eval import default_name, load_policy, metric, result_record, select_subset
 from saealign.eval.generation import left_pad, max_positions, model_device
+from saealign.models import cache_argument, returned_cache
 from saealign.steering import system_prompt_of
 from saealign.eval.report import Z95
 
@@ -479,7 +480,7 @@ def _score_batch(model, groups: list[_Group], pad_id: int, split_last: bool, per
     if second_call:
         second_rows = list(range(len(rows))) if per_row else [r for r, tail in enumerate(tails) if tail]
         index = torch.tensor([prefill_of_row[r] for r in second_rows], device=device)
-        cache = out.past_key_values
+        cache = returned_cache(out)
         if not per_row:
             cache.reorder_cache(index)  # one copy of the shared context per continuation
         width = max(1, max(len(tails[r]) for r in second_rows))
@@ -495,8 +496,8 @@ def _score_batch(model, groups: list[_Group], pad_id: int, split_last: bool, per
         x, x_mask, targets = x.to(device), x_mask.to(device), targets.to(device)
         start = mask.sum(-1)[index].unsqueeze(1)
         logits = model(input_ids=x, attention_mask=torch.cat([mask[index], x_mask], dim=1),
-                       position_ids=start + torch.arange(width, device=device), past_key_values=cache,
-                       use_cache=True).logits.float()
+                       position_ids=start + torch.arange(width, device=device),
+                       use_cache=True, **cache_argument(model, cache)).logits.float()
         token_lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
         sums = (token_lp * x_mask).sum(-1).tolist()
         for k, r in enumerate(second_rows):

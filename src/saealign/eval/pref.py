@@ -16,7 +16,6 @@ generation, the first response token is predicted from the unedited last prompt 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 
 from saealign._io import cache_dir, save_tensors
 from saealign.data import collate_pairs, render_triples, triples_fingerprint
-from saealign.models import model_id
+from saealign.models import model_id, takes_logit_mask
 from saealign.steering import Intervention, apply_intervention, system_prompt_of
 
 log = logging.getLogger(__name__)
@@ -62,19 +61,18 @@ def score_batches(rendered, tokenizer, max_tokens: int = 6144):
 
 
 def response_logp(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
-                  inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: summed log p of the response tokens and their count. The vocabulary head runs only
-    at the positions that predict a response token (for a small model the head and its softmax
+                  inputs_embeds: torch.Tensor | None = None, logit_mask: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: summed log p of the response tokens and their count. With `logit_mask`
+    (`models.takes_logit_mask(model)`, found before any hooks are attached), the vocabulary head runs
+    only at the positions that predict a response token (for a small model the head and its softmax
     cost more than the layers when computed everywhere)."""
     predicting = torch.zeros_like(response_mask)
     predicting[:, :-1] = response_mask[:, 1:]
     kwargs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-    logits = None
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    if logit_mask:
         logits = model(**kwargs, attention_mask=attention_mask, use_cache=False, logits_to_keep=predicting).logits
-        if logits.dim() != 2:  # a transformers version without boolean logits_to_keep
-            logits = None
-    if logits is None:
+    else:
         logits = model(**kwargs, attention_mask=attention_mask, use_cache=False).logits[predicting]
     targets = input_ids[:, 1:][response_mask[:, 1:]]
     logits = logits.float()
@@ -102,11 +100,12 @@ def score_rendered(model, tokenizer, rendered, max_tokens: int, desc: str, progr
     dev = next(model.parameters()).device
     logp = {w: np.zeros(len(rendered)) for w in ("chosen", "rejected")}
     lens = {w: np.zeros(len(rendered), dtype=np.int64) for w in ("chosen", "rejected")}
+    logit_mask = takes_logit_mask(model)
     with tqdm(total=2 * len(rendered), desc=desc, unit="seq", disable=not progress) as bar:
         for which, idx, b in score_batches(rendered, tokenizer, max_tokens):
             ids, attn, resp = (b[k].to(dev) for k in ("input_ids", "attention_mask", "response_mask"))
             with around(which, idx, ids, attn, resp):
-                lp, n = response_logp(model, ids, attn, resp)
+                lp, n = response_logp(model, ids, attn, resp, logit_mask=logit_mask)
             logp[which][idx], lens[which][idx] = lp.numpy(), n.numpy()
             bar.update(len(idx))
     return SequenceScores(logp["chosen"], logp["rejected"], lens["chosen"], lens["rejected"])
@@ -205,8 +204,18 @@ def evaluate_preferences(model, tokenizer, triples, methods: dict[str, Intervent
     return {"triples": len(triples), "data_fingerprint": triples_fingerprint(triples), "methods": results}
 
 
-def markdown_table(result: dict, title: str = "") -> str:
-    """Methods x metrics, percentages with 95 % intervals."""
+PREF_LEGEND = """\
+- *reward acc. vs base*: the share of triples where the method raises the chosen response more than the
+  rejected one, relative to the base model (reward `r = log p_method(y|x) - log p_base(y|x)`, summed over
+  response tokens); 50 % means no shift, exact ties count one half (their share is in *ties*).
+- *pref. acc. (sum)*: the share where the model gives the chosen response a higher total log-probability
+  than the rejected one (favours the shorter response);
+- *pref. acc. (length-norm.)*: the same with the mean log-probability per response token.
+"""
+
+
+def markdown_table(result: dict, title: str = "", legend: bool = False) -> str:
+    """Methods x metrics, percentages with 95 % intervals; `legend` adds what each column means."""
     from saealign.eval import percent_cell
 
     def cell(m: dict | None) -> str:
@@ -218,7 +227,7 @@ def markdown_table(result: dict, title: str = "") -> str:
     for name, m in result["methods"].items():
         lines.append(f"| {name} | {cell(m.get('reward_acc'))} | {cell(m.get('reward_tie_rate'))} | "
                      f"{cell(m['pref_acc_sum'])} | {cell(m['pref_acc_norm'])} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + ("\n" + PREF_LEGEND if legend else "")
 
 
 def sample_pairs(triples: Sequence, n: int | None, seed: int) -> list:

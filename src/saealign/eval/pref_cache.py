@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from saealign.data import render_triples, triples_fingerprint
 from saealign.eval.pref import SequenceScores, response_logp, score_rendered, store_base_scores
 from saealign.hooks import HookSession, resume_from_layer
+from saealign.models import takes_logit_mask
 from saealign.steering import Intervention, apply_intervention, system_prompt_of
 
 
@@ -112,11 +113,13 @@ class ScoringCache:
                              "features): use score_triples")
         n = len(self.base.logp_chosen)
         logp = {w: np.zeros(n) for w in ("chosen", "rejected")}
+        logit_mask = takes_logit_mask(model)
         for b in tqdm(self.batches, desc=desc, disable=not progress):
             if b.prompt_features is not None and hasattr(intervention, "use_prompt_features"):
                 intervention.use_prompt_features(b.prompt_features)
             with apply_intervention(intervention, model, positions=b.response_mask), resume_from_layer(model, self.start):
-                lp, _ = response_logp(model, b.input_ids, b.attention_mask, b.response_mask, inputs_embeds=b.resid)
+                lp, _ = response_logp(model, b.input_ids, b.attention_mask, b.response_mask, inputs_embeds=b.resid,
+                                       logit_mask=logit_mask)
             logp[b.which][b.idx] = lp.numpy()
         return SequenceScores(logp["chosen"], logp["rejected"], self.base.len_chosen, self.base.len_rejected)
 

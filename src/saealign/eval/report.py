@@ -35,14 +35,45 @@ def load_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
             data = json.loads(f.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{f}: invalid JSON at line {err.lineno}: {err.msg}") from err
-        if isinstance(data, dict) and {"benchmark", "method", "metrics"} <= data.keys():
-            data["_path"] = str(f)
-            results.append(data)
-        else:
+        records = as_records(data)
+        if not records:
             log.info("skipping %s: not a saealign result file", f)
+        for record in records:
+            record["_path"] = str(f)
+            results.append(record)
     if not results:
         raise ValueError(f"no saealign result files among {[str(p) for p in paths]}")
     return results
+
+
+PREF_HEADLINE = ("reward_acc", "pref_acc_sum", "pref_acc_norm")
+SAE_HEADLINE = ("fvu", "l0", "dead_fraction", "loss_increase")
+
+
+def as_records(data: Any) -> list[dict[str, Any]]:
+    """The result records in one parsed file, whichever saealign command wrote it: a `result_record`
+    (MT-Bench, AlpacaEval, multiple choice, FPO comparison) as it is; an `eval pref` file as one record
+    per method (benchmark `pref:ROLE`); an `sae eval` report as one record (benchmark `sae-eval`)."""
+    if not isinstance(data, dict):
+        return []
+    if {"benchmark", "method", "metrics"} <= data.keys():
+        return [data]
+    if {"triples", "methods"} <= data.keys() and isinstance(data["methods"], dict):
+        cfg = data.get("config") or {}
+        benchmark = f"pref:{(data.get('data') or {}).get('role') or cfg.get('data_role') or 'triples'}"
+        records = []
+        for method, metrics in data["methods"].items():
+            kept = {k: v for k, v in metrics.items() if isinstance(v, dict) and "value" in v}
+            records.append({"benchmark": benchmark, "method": method, "metrics": kept, "config": cfg,
+                            "headline": [h for h in PREF_HEADLINE if h in kept], "items": data["triples"]})
+        return records
+    if {"sae", "layer", "metrics"} <= data.keys():
+        metrics = {k: {"value": float(v), "se": None} for k, v in data["metrics"].items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        name = (data.get("config") or {}).get("sae") or f"layer {data['layer']}"
+        return [{"benchmark": "sae-eval", "method": f"sae {name}", "metrics": metrics,
+                 "headline": [h for h in SAE_HEADLINE if h in metrics], "config": data.get("config") or {}}]
+    return []
 
 
 def _paired(result: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +42,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside `path` (which must not exist); on success it is renamed to
+    `path`, so the files written into it (e.g. tensors and their config) appear together or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -60,11 +76,74 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Write a safetensors file atomically; returns its manifest (`tensor_manifest`) for the artifact's config."""
     from safetensors.torch import save_file
 
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=metadata)
+    return tensor_manifest(tensors)
+
+
+# Values no saealign artifact can hold legitimately (sums of densities, residual means, SAE weights):
+# a file with larger ones is corrupt, not unusual.
+MAX_ABS = 1e20
+
+
+def tensor_manifest(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """Per tensor: shape, dtype and a sha256 of its bytes, recorded in a config so that loading can
+    tell the tensors are the ones written with it."""
+    return {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "sha256": _tensor_sha256(t)}
+            for name, t in sorted(tensors.items())}
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def check_values(tensors: dict[str, torch.Tensor], source: str | os.PathLike, max_abs: float = MAX_ABS) -> None:
+    """Refuse non-finite or absurdly large values: a corrupt artifact must not load and run silently."""
+    for name, t in tensors.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(f"{source}: tensor {name!r} has {bad} non-finite value(s) (NaN/inf); the file is corrupt")
+        biggest = float(t.abs().max())
+        if biggest > max_abs:
+            raise ValueError(f"{source}: tensor {name!r} has a value of magnitude {biggest:.3g} (> {max_abs:g}); "
+                             "the file is corrupt")
+
+
+def load_tensors(path: str | os.PathLike, manifest: dict[str, dict[str, Any]] | None = None,
+                 max_abs: float = MAX_ABS) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, checked: readable, finite, not absurd, and equal to `manifest` (names,
+    shapes, dtypes, checksums) when the config recorded one. Every error names the file."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing")
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors' own errors do not name the file
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+    if manifest is not None:
+        if sorted(manifest) != sorted(tensors):
+            raise ValueError(f"{path}: holds tensors {sorted(tensors)}, its config records {sorted(manifest)}")
+        for name, want in manifest.items():
+            got = tensors[name]
+            if list(got.shape) != list(want["shape"]) or str(got.dtype).removeprefix("torch.") != want["dtype"]:
+                raise ValueError(f"{path}: tensor {name!r} is {str(got.dtype).removeprefix('torch.')} {list(got.shape)}, "
+                                 f"its config records {want['dtype']} {want['shape']}")
+    check_values(tensors, path, max_abs)
+    for name, want in (manifest or {}).items():
+        if _tensor_sha256(tensors[name]) != want["sha256"]:
+            raise ValueError(f"{path}: tensor {name!r} does not match the checksum in its config "
+                             "(changed after it was written, or written by an interrupted save)")
+    return tensors
 
 
 def _json_default(obj: Any) -> Any:

@@ -20,12 +20,12 @@ Nothing is dropped silently: every decision lands in a `LoadReport`.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import logging
 import math
 import random
 import re
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +43,11 @@ _HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
 _HH_ASSISTANT = "\n\nAssistant:"
 _HH_ROLE = {"Human": "user", "Assistant": "assistant"}
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
+_PATH_SUFFIXES = (".jsonl", ".json", ".parquet", ".gz", ".txt", ".csv", ".tsv", ".arrow")  # never hub names
 
 HH_SUBSETS = ("helpful-base", "helpful-online", "helpful-rejection-sampled", "harmless-base")
 FIT_SUBSETS = ("helpful-online", "helpful-rejection-sampled")
+DATA_ROLES = ("fit", "validation", "test_helpful", "test_harmless")
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,44 +255,78 @@ def _parse_record(record: Any, keys: tuple[str, str, str]) -> tuple[list[dict[st
 # Reading sources
 # --------------------------------------------------------------------------------------------
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
 
 
-def _iter_local(path: Path) -> Iterator[tuple[int, Any]]:
-    """`(1-based line or record number, record)`; a JSON syntax error is yielded as the exception."""
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """`(1-based line number, text without its line ending)` of a local file, gunzipped if ``.gz``.
+
+    Every local route reads through here, so every route refuses bad bytes the same way: a UTF-8 BOM
+    is accepted, and undecodable bytes or a truncated gzip stream raise one ValueError naming the
+    file and the line (decoding line by line is what makes the line number known).
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    number = 0
+    try:
+        with opener(path, "rb") as fh:
+            for number, raw in enumerate(fh, start=1):
+                try:
+                    text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path}:{number}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                                     "the file must be UTF-8") from None
+                yield number, text.rstrip("\r\n")
+    except _GZIP_ERRORS as err:
+        raise ValueError(f"{path}:{number + 1}: truncated or corrupt gzip file ({err})") from None
+
+
+def read_records(path: Path, strict: bool = True) -> Iterator[tuple[int, Any]]:
+    """`(1-based line or record number, record)` of a local .jsonl/.json/.parquet file (optionally ``.gz``).
+
+    A record that cannot be used at all (malformed JSON, a .json file that is not a list) raises a
+    ValueError naming file and line; with ``strict=False`` it is yielded as a `_FieldError` instead,
+    so that ``load_preferences(errors="drop")`` can count it and go on.
+    """
+    for number, record in _records(path):
+        if strict and isinstance(record, _FieldError):
+            raise ValueError(f"{path}:{number}: {record.message}")
+        yield number, record
+
+
+def _records(path: Path) -> Iterator[tuple[int, Any]]:
     name = path.name.lower()
     if name.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        number = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                number += 1
-                yield number, row
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+            rows = (row for batch in batches for row in batch.to_pylist())
+            yield from enumerate(rows, start=1)
+        except pa.ArrowException as err:
+            raise ValueError(f"{path}: not a readable parquet file ({err})") from None
     elif name.endswith((".jsonl", ".jsonl.gz")):
-        with _open_text(path) as fh:
-            for number, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield number, err
+        for number, line in read_lines(path):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield number, _FieldError(None, f"malformed JSON ({err.msg} at column {err.colno}); "
+                                                "expected one JSON object per line", "malformed_json")
     elif name.endswith((".json", ".json.gz")):
-        with _open_text(path) as fh:
-            text = fh.read()
+        text = "\n".join(line for _, line in read_lines(path))
+        expected = "expected a JSON list of records (or {'data': [...]})"
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            yield err.lineno, err
+            yield err.lineno, _FieldError(None, f"malformed JSON ({err.msg} at column {err.colno}); {expected}",
+                                          "malformed_json")
             return
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
-            yield 1, _FieldError(None, "expected a JSON list of records (or {'data': [...]})")
+            yield 1, _FieldError(None, f"{expected}, got {type(data).__name__}")
             return
         yield from enumerate(data, start=1)
     else:
@@ -304,15 +340,21 @@ def _iter_hub(name: str, split: str | None, hf_kwargs: dict[str, Any]) -> Iterat
     yield from enumerate(dataset, start=1)
 
 
-def _is_local(source: str | Path) -> bool:
-    path = Path(source)
+def local_path(source: str | Path) -> Path | None:
+    """`source` as an existing local path, or None when it names a Hugging Face dataset.
+
+    A missing path is refused here rather than handed to the hub loader, whose "couldn't find any data
+    file" hides the typo. It looks local when it is a `Path`, starts with ``.``, ``/`` or ``~``, has more
+    separators than a hub ``owner/name``, ends in a data-file suffix, or its parent folder exists.
+    """
+    text = str(source)
+    path = Path(text).expanduser()
     if path.exists():
-        if path.is_dir():
-            raise IsADirectoryError(f"{path}: is a directory; pass one data file")
-        return True
-    if str(source).lower().endswith(_LOCAL_SUFFIXES) or isinstance(source, Path):
-        raise FileNotFoundError(f"{source}: no such file")
-    return False
+        return path
+    if (isinstance(source, Path) or text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1
+            or text.lower().endswith(_PATH_SUFFIXES) or ("/" in text and path.parent.is_dir())):
+        raise FileNotFoundError(f"no such file or directory: {text}")
+    return None
 
 
 def load_preferences(source: str | Path, split: str | None = None, limit: int | None = None, *,
@@ -328,19 +370,22 @@ def load_preferences(source: str | Path, split: str | None = None, limit: int | 
 
     `errors="raise"` stops at the first bad record with a `PreferenceDataError`; `"drop"` drops it
     and records the problem in `report`. Empty responses are errors unless `allow_empty` (kept with
-    a warning). Identical chosen/rejected responses are always dropped with a warning.
+    a warning). Identical chosen/rejected responses are always dropped with a warning. A source that
+    yields no triple is an error here, so that callers fail before loading a model.
     """
     if errors not in ("raise", "drop"):
         raise ValueError(f"errors must be 'raise' or 'drop', got {errors!r}")
     columns = columns or {}
     keys = (columns.get("prompt", "prompt"), columns.get("chosen", "chosen"), columns.get("rejected", "rejected"))
-    local = _is_local(source)
-    if local and (split is not None or hf_kwargs):
+    path = local_path(source)
+    if path is not None and path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory; pass one data file")
+    if path is not None and (split is not None or hf_kwargs):
         raise ValueError(f"{source}: split/hf_kwargs apply to Hugging Face datasets, not local files")
-    records = _iter_local(Path(source)) if local else _iter_hub(str(source), split, hf_kwargs or {})
-    label = str(source) if local or split is None else f"{source}[{split}]"
+    records = read_records(path, strict=False) if path is not None else _iter_hub(str(source), split, hf_kwargs or {})
+    label = str(source) if path is not None or split is None else f"{source}[{split}]"
     local_report = LoadReport(sources=[label])
-    id_prefix = subset or (Path(source).name if local else label)
+    id_prefix = subset or (path.name if path is not None else label)
     triples: list[PreferenceTriple] = []
 
     def note(line: int, field_name: str | None, reason: str, message: str,
@@ -357,9 +402,6 @@ def load_preferences(source: str | Path, split: str | None = None, limit: int | 
         if limit is not None and len(triples) >= limit:
             break
         local_report.read += 1
-        if isinstance(record, json.JSONDecodeError):
-            note(line, None, "malformed_json", f"malformed JSON: {record.msg} (column {record.colno})", "error")
-            continue
         if isinstance(record, _FieldError):
             note(line, record.field, record.reason, record.message, "error")
             continue
@@ -371,10 +413,12 @@ def load_preferences(source: str | Path, split: str | None = None, limit: int | 
         if not prompt or prompt[-1]["role"] != "user":
             note(line, keys[0], "invalid_field", "the prompt conversation must end with a user message", "error")
             continue
+        empty = [(key, text) for key, text in zip(keys[1:], (chosen, rejected)) if not text.strip()]
         chosen, rejected = chosen.strip(), rejected.strip()
-        empty = [key for key, text in zip(keys[1:], (chosen, rejected)) if not text]
         if empty:
-            note(line, empty[0], "empty_response", "empty response", "keep" if allow_empty else "error")
+            key, text = empty[0]
+            note(line, key, "empty_response", f"expected a non-empty response, got {text!r}",
+                 "keep" if allow_empty else "error")
             if not allow_empty:
                 continue
         if chosen == rejected:
@@ -392,9 +436,20 @@ def load_preferences(source: str | Path, split: str | None = None, limit: int | 
     local_report.kept = len(triples)
     for reason, count in sorted(local_report.dropped.items()):
         log.warning("%s: dropped %d record(s): %s", label, count, reason)
+    for reason, count in sorted(local_report.warnings.items()):
+        log.warning("%s: kept %d record(s) with a warning: %s", label, count, reason)
+    if not triples:
+        raise ValueError(f"no preference triples in {label}: {_why_empty(local_report)}")
     if report is not None:
         report.merge(local_report)
     return triples
+
+
+def _why_empty(report: LoadReport) -> str:
+    if not report.read:
+        return "it holds no records"
+    dropped = ", ".join(f"{reason} {count}" for reason, count in sorted(report.dropped.items()))
+    return f"all {report.read} record(s) dropped ({dropped}); first: {report.problems[0]}"
 
 
 def drop_ties(triples: Sequence[PreferenceTriple], report: LoadReport | None = None) -> list[PreferenceTriple]:
@@ -503,8 +558,7 @@ def alpaca_eval_instructions(alpaca_eval_dir: str | Path, dataset: str = "helpfu
         raise FileNotFoundError(f"{alpaca_eval_dir}: no AlpacaEval model_outputs.json found")
     found: set[str] = set()
     for path in files:
-        records = json.loads(path.read_text(encoding="utf-8"))
-        found |= {r["instruction"].strip() for r in records if r.get("dataset") == dataset}
+        found |= {r["instruction"].strip() for _, r in read_records(path) if r.get("dataset") == dataset}
     return found
 
 
@@ -534,20 +588,25 @@ class DataRoles(dict):
 
 
 def hh_rlhf_roles(data_dir: str | Path, seed: int = 0, val_fraction: float = 0.15,
-                  alpaca_eval_dir: str | Path | None = None) -> DataRoles:
+                  alpaca_eval_dir: str | Path | None = None, allow_empty: bool = True) -> DataRoles:
     """Build the fixed HH-RLHF data roles of SPLITS.md.
 
     `data_dir` is the shared data root (holding ``hh-rlhf/`` and ``alpaca-eval/``) or the ``hh-rlhf``
     folder itself. Identical pairs are dropped (counted in ``summary()["load"]``); empty responses
-    are real crowdworker preferences (e.g. silence preferred in harmless-base) and are kept with a
-    warning; any other bad record is an error. Dialogues whose first Human turn is an AlpacaEval
+    are real crowdworker preferences (e.g. silence preferred in harmless-base, 11 in all) and are
+    kept with a warning unless `allow_empty` is False; any other bad record is an error. Dialogues whose first Human turn is an AlpacaEval
     ``helpful_base`` instruction are removed from the test and, should any occur there, the fit pool.
     """
     root = Path(data_dir)
     hh = root / "hh-rlhf" if (root / "hh-rlhf").is_dir() else root
+    missing = [f"{s}/test.jsonl.gz" for s in HH_SUBSETS if not (hh / s / "test.jsonl.gz").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{root}: not an HH-RLHF data directory (no {', '.join(missing)}); "
+                                "data roles need the shared data root or its hh-rlhf folder")
     alpaca_dir = Path(alpaca_eval_dir) if alpaca_eval_dir else hh.parent / "alpaca-eval"
     report = LoadReport()
-    loaded = {s: load_preferences(hh / s / "test.jsonl.gz", subset=s, allow_empty=True, report=report) for s in HH_SUBSETS}
+    loaded = {s: load_preferences(hh / s / "test.jsonl.gz", subset=s, allow_empty=allow_empty, report=report)
+              for s in HH_SUBSETS}
     instructions = alpaca_eval_instructions(alpaca_dir)
 
     def decontaminate(triples: list[PreferenceTriple]) -> tuple[list[PreferenceTriple], set[str]]:
@@ -566,7 +625,7 @@ def hh_rlhf_roles(data_dir: str | Path, seed: int = 0, val_fraction: float = 0.1
     }
     if contamination["removed_fit_pool"]:
         log.warning("removed %d AlpacaEval dialogue(s) from the fit pool", contamination["removed_fit_pool"])
-    roles = {"fit": fit, "validation": val, "test_helpful": test_helpful, "test_harmless": loaded["harmless-base"]}
+    roles = dict(zip(DATA_ROLES, (fit, val, test_helpful, loaded["harmless-base"])))
     return DataRoles(roles, seed, val_fraction, report, contamination)
 
 
@@ -770,14 +829,22 @@ def iter_batches(rendered: Sequence[RenderedTriple], tokenizer, batch_size: int 
 
 
 def select_triples(data: str | Path, role: str | None = None, n: int | None = None, seed: int = 0,
-                   split_seed: int = 0) -> list[PreferenceTriple]:
+                   split_seed: int = 0, allow_empty: bool = True) -> list[PreferenceTriple]:
     """Triples from a file / HF dataset, or one role of an HH-RLHF directory (split with `split_seed`,
-    the protocol's 0 by default, independent of `seed`), optionally a seeded nested draw of `n`."""
-    if role is not None or Path(data).is_dir():
-        roles = hh_rlhf_roles(data, seed=split_seed)
-        if role not in roles:
-            raise ValueError(f"{data} is an HH-RLHF directory: pass a role, one of {sorted(roles)}, got {role!r}")
-        triples = list(roles[role])
+    the protocol's 0 by default, independent of `seed`), optionally a seeded nested draw of `n`.
+
+    Every route applies the same record rules, `allow_empty` included: its default keeps empty
+    responses (with a warning) because the protocol keeps the real ones in HH-RLHF.
+    """
+    path = local_path(data)
+    if role is None and not (path is not None and path.is_dir()):
+        triples = load_preferences(data, allow_empty=allow_empty)
     else:
-        triples = load_preferences(data)
+        if path is None:
+            raise FileNotFoundError(f"no such file or directory: {data} (a data role needs an HH-RLHF directory)")
+        if role not in DATA_ROLES:  # checked before the whole split is loaded
+            raise ValueError(f"{data} is an HH-RLHF directory: pass a role, one of {list(DATA_ROLES)}, got {role!r}")
+        triples = list(hh_rlhf_roles(path, seed=split_seed, allow_empty=allow_empty)[role])
+        if not triples:
+            raise ValueError(f"no preference triples in role {role!r} of {data}")
     return restrict(triples, n, seed=seed) if n is not None and n < len(triples) else triples

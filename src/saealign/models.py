@@ -6,8 +6,10 @@ as safetensors under `SAEALIGN_CACHE/models/`, so later loads take a few seconds
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -191,6 +193,49 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
 def model_id(model) -> str:
     """The identity recorded in artifacts: the alias/path it was loaded from, else its config name."""
     return getattr(model.config, "saealign_model_id", None) or model.config.name_or_path or model.config.model_type
+
+
+_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+FINGERPRINT_SAMPLES = 4096  # values read per parameter
+_FINGERPRINT_CONFIG = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "vocab_size")
+
+
+@torch.no_grad()
+def model_fingerprint(model) -> str:
+    """Identity of a model's weights, whichever alias or path loaded them (artifacts record it, so the
+    same weights by another path are accepted and other weights of the same shape refused).
+
+    A sha256 over a few architecture fields of the config and, per parameter (sorted by name), its
+    name, shape and `FINGERPRINT_SAMPLES` values at an even stride through the flattened tensor,
+    rounded to bfloat16 so that float32 and bfloat16 copies of the same weights agree. Reading a
+    strided sample keeps it to milliseconds; it is computed once per model object (weights changed in
+    place afterwards keep the fingerprint they had).
+    """
+    known = _FINGERPRINTS.get(model)
+    if known is None:
+        digest = hashlib.sha256(json.dumps({k: getattr(model.config, k, None) for k in _FINGERPRINT_CONFIG},
+                                           sort_keys=True, default=str).encode())
+        for name, param in sorted(model.named_parameters()):
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES]
+            digest.update(f"{name}{tuple(param.shape)}".encode())
+            digest.update(sample.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+        known = _FINGERPRINTS[model] = digest.hexdigest()[:16]
+    return known
+
+
+def model_mismatch(model, recorded_id: str, recorded_fingerprint: str | None) -> str | None:
+    """Why `model` is not the one an artifact records (None when it is): compared by weights
+    fingerprint; artifacts from before fingerprints fall back to the alias/path, with a warning."""
+    if recorded_fingerprint is None:
+        log.warning("artifact for %r records no weights fingerprint (older saealign): model compared by name only",
+                    recorded_id)
+        return None if model_id(model) == recorded_id else f"{recorded_id!r}, got {model_id(model)!r}"
+    got = model_fingerprint(model)
+    if got == recorded_fingerprint:
+        return None
+    return f"{recorded_id!r} (weights {recorded_fingerprint}), got {model_id(model)!r} (weights {got})"
 
 
 _MASKED_LOGITS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ContextManager, Protocol, runtime_checkable
 
 from saealign._io import read_json
+from saealign.config import ConfigError
 from saealign.hooks import PositionSpec
 
 
@@ -37,47 +38,86 @@ def system_prompt_of(intervention: Intervention | None) -> str | None:
 
 
 ARTIFACT_CONFIG = "config.json"
+METHOD_KINDS = ("base", "dspa", "static-sae", "repe", "prompt-prefix")
+ARTIFACT_METHODS = {"dspa_map": "dspa", "static_sae": "static-sae", "repe": "repe", "prompt_prefix": "prompt-prefix"}
+
+
+def artifact_method(path: str | Path) -> str:
+    """The method kind of a saved artifact (DSPA map, static-sae, repe, prompt-prefix), read from its config."""
+    config_path = Path(path) / ARTIFACT_CONFIG
+    if not config_path.exists():
+        raise FileNotFoundError(f"{path}: not a saealign artifact (no {ARTIFACT_CONFIG})")
+    kind = read_json(config_path).get("kind")
+    if kind not in ARTIFACT_METHODS:
+        raise ValueError(f"{config_path}: unknown artifact kind {kind!r}; expected one of {sorted(ARTIFACT_METHODS)}")
+    return ARTIFACT_METHODS[kind]
+
+
+def method_kind(spec: str) -> str:
+    """The method kind a spec names (an artifact directory's from its config), so a bad spec or a missing
+    artifact is refused before any model loads."""
+    kind, _, arg = spec.partition(":")
+    if kind in METHOD_KINDS:
+        if kind in ("dspa", "static-sae", "repe") and not Path(arg).is_dir():
+            raise FileNotFoundError(f"method {spec!r}: no artifact directory {arg!r}")
+        return kind
+    if Path(spec).is_dir():
+        return artifact_method(spec)
+    raise ValueError(f"unknown method {spec!r}: expected one of {', '.join(METHOD_KINDS)} (as kind:PATH) or an artifact directory")
+
+
+def method_options(kind: str) -> frozenset[str]:
+    """The options `load_method` passes to a method kind: steering settings (and SAEs) for DSPA and
+    static-sae, the coefficient for RepE, nothing for base and prompt-prefix."""
+    from dataclasses import fields
+
+    from saealign.dspa.steer import SteerConfig
+
+    steer = frozenset(f.name for f in fields(SteerConfig))
+    return {"dspa": steer | {"sae_in", "sae_out"}, "static-sae": steer | {"sae_out"},
+            "repe": frozenset({"coef"})}.get(kind, frozenset())
+
+
+def check_options(kind: str, options: dict[str, Any]) -> None:
+    """Refuse an option the method would silently ignore (or fail on late)."""
+    unknown = sorted(set(options) - method_options(kind))
+    if unknown:
+        takes = ", ".join(sorted(method_options(kind))) or "no options"
+        raise ConfigError(unknown[0], f"is not an option of method {kind!r} (it takes {takes})")
+
+
+def _loaders() -> dict[str, Any]:
+    from saealign.dspa import baselines, steer
+
+    return {"dspa": steer.DSPA.load, "static-sae": baselines.StaticSAE.load, "repe": baselines.RepE.load,
+            "prompt-prefix": baselines.PromptPrefix.load}
 
 
 def load_intervention(path: str | Path, model=None, **options: Any) -> Intervention:
     """Load a saved method artifact (DSPA map, static-sae, repe, prompt-prefix) by its `kind`.
 
-    `options` override the artifact's recommended steering settings (alpha, k_diff, mode, ...).
+    `options` override the artifact's recommended steering settings (alpha, k_diff, mode, ...); an
+    option the artifact's method does not take is refused.
     When `model` is given, the artifact is checked against it (a mismatch is refused).
     """
-    path = Path(path)
-    config_path = path / ARTIFACT_CONFIG
-    if not config_path.exists():
-        raise FileNotFoundError(f"{path}: not a saealign artifact (no {ARTIFACT_CONFIG})")
-    kind = read_json(config_path).get("kind")
-    from saealign.dspa import baselines, steer
-
-    loaders = {"dspa_map": steer.DSPA.load, "static_sae": baselines.StaticSAE.load,
-               "repe": baselines.RepE.load, "prompt_prefix": baselines.PromptPrefix.load}
-    if kind not in loaders:
-        raise ValueError(f"{config_path}: unknown artifact kind {kind!r}; expected one of {sorted(loaders)}")
-    return loaders[kind](path, model=model, **options)
-
-
-METHOD_KINDS = ("base", "dspa", "static-sae", "repe", "prompt-prefix")
+    kind = artifact_method(path)
+    check_options(kind, options)
+    return _loaders()[kind](Path(path), model=model, **options)
 
 
 def load_method(spec: str, model=None, **options: Any) -> Intervention | None:
     """A method from a spec string: `base`, `prompt-prefix[:TEXT]`, `dspa:MAP_DIR`, `static-sae:MAP_DIR`,
-    `repe:DIR` (a RepE artifact or a DSPA map directory), or a bare artifact directory (its kind is read from its config)."""
-    from saealign.dspa import baselines, steer
-
-    kind, _, arg = spec.partition(":")
+    `repe:DIR` (a RepE artifact or a DSPA map directory), or a bare artifact directory (its kind is read from its config).
+    `options` the method does not take are refused (see `method_options`)."""
+    kind = method_kind(spec)
+    head, _, arg = spec.partition(":")
+    if head != kind:  # a bare artifact directory
+        return load_intervention(spec, model=model, **options)
+    check_options(kind, options)
     if kind == "base":
         return None
     if kind == "prompt-prefix":
-        return baselines.PromptPrefix(arg) if arg else baselines.PromptPrefix()
-    if kind == "dspa":
-        return steer.DSPA.load(arg, model=model, **options)
-    if kind == "static-sae":
-        return baselines.StaticSAE.load(arg, model=model, **options)
-    if kind == "repe":
-        return baselines.RepE.load(arg, model=model, **options)
-    if Path(spec).is_dir():
-        return load_intervention(spec, model=model, **options)
-    raise ValueError(f"unknown method {spec!r}: expected one of {', '.join(METHOD_KINDS)} (as kind:PATH) or an artifact directory")
+        from saealign.dspa.baselines import PromptPrefix
+
+        return PromptPrefix(arg) if arg else PromptPrefix()
+    return _loaders()[kind](arg, model=model, **options)

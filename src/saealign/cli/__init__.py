@@ -7,15 +7,52 @@ from __future__ import annotations
 
 import logging
 
+import click
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(help="Preference alignment through sparse-autoencoder features (DSPA, FPO, baselines, evaluation).",
+USER_ERRORS = (ValueError, OSError, KeyError)  # bad input, missing files: a message, not a traceback
+
+
+class _Group(TyperGroup):
+    """Turns a user error raised by a command into one `error:` line (plus a hint) and exit code 2;
+    `saealign -v` re-raises it for the full traceback. Typer's usage errors pass through untouched."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        ctx.meta["saealign.command"] = f"{ctx.command_path} {name}"  # meta is shared: the innermost command wins
+        return name, cmd, rest
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Exception as err:
+            from saealign.config import ConfigError
+            from saealign.eval.judges import JudgeError  # an endpoint's refusal (bad key, unknown model)
+
+            if not isinstance(err, (*USER_ERRORS, JudgeError)) or ctx.find_root().params.get("verbose"):
+                raise
+            if isinstance(err, ConfigError):
+                message = f"--{err.field.replace('_', '-')} {err.problem}"
+                hint = f"see `{ctx.meta.get('saealign.command', ctx.command_path)} --help`"
+            else:
+                message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+                hint = "rerun with `saealign -v ...` for the full traceback"
+            click.echo(f"error: {message}\nhint: {hint}", err=True)
+            ctx.exit(2)
+
+
+def _typer(help: str) -> typer.Typer:
+    return typer.Typer(cls=_Group, help=help, no_args_is_help=True)
+
+
+app = typer.Typer(cls=_Group, help="Preference alignment through sparse-autoencoder features (DSPA, FPO, baselines, evaluation).",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-sae_app = typer.Typer(help="Train, evaluate and inspect sparse autoencoders.", no_args_is_help=True)
-data_app = typer.Typer(help="Load and inspect preference data.", no_args_is_help=True)
-dspa_app = typer.Typer(help="DSPA: fit, merge and inspect prompt-conditional steering maps.", no_args_is_help=True)
-eval_app = typer.Typer(help="Evaluate base, steered and trained models.", no_args_is_help=True)
-fpo_app = typer.Typer(help="FPO / DPO / SimPO / TDPO preference training.", no_args_is_help=True)
+sae_app = _typer("Train, evaluate and inspect sparse autoencoders.")
+data_app = _typer("Load and inspect preference data.")
+dspa_app = _typer("DSPA: fit, merge and inspect prompt-conditional steering maps.")
+eval_app = _typer("Evaluate base, steered and trained models.")
+fpo_app = _typer("FPO / DPO / SimPO / TDPO preference training.")
 app.add_typer(sae_app, name="sae")
 app.add_typer(data_app, name="data")
 app.add_typer(dspa_app, name="dspa")
@@ -24,7 +61,8 @@ app.add_typer(fpo_app, name="fpo")
 
 
 @app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                       help="Log at INFO level and show the full traceback of an error.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 

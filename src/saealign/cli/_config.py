@@ -14,6 +14,8 @@ from typing import Any, Callable, TypeVar
 
 import typer
 
+from saealign.config import describe_range, literal_choices
+
 C = TypeVar("C")
 
 _SIMPLE = (str, int, float, bool, Path)
@@ -40,8 +42,8 @@ def config_command(app: typer.Typer, name: str, config_cls: type[C], help: str |
     """Decorator: register `fn(cfg)` as `app` command `name` with one `--flag` per dataclass field.
 
     Fields named in `required` must be given (on the command line or in `--config`).
-    Field docs come from `# comments` is not possible at runtime, so the help text of each flag is
-    taken from `field.metadata["help"]` when present.
+    The help text of each flag is `field.metadata["help"]` plus the field's choices and bounds
+    (which `saealign.config.check_config` enforces when the config is built).
     """
 
     def decorator(fn: Callable[[C], Any]) -> Callable[[C], Any]:
@@ -60,9 +62,10 @@ def config_command(app: typer.Typer, name: str, config_cls: type[C], help: str |
                 decls = [f"{flag}/--no-{field.name.replace('_', '-')}"]
             else:
                 decls = [flag]
-            help_text = field.metadata.get("help", "")
-            if field.name in required:
-                help_text = (help_text + " [required]").strip()
+            choices = literal_choices(hints[field.name])
+            notes = [f"one of: {', '.join(map(str, choices))}" if choices else "", describe_range(field),
+                     "required" if field.name in required else ""]
+            help_text = " ".join([field.metadata.get("help", ""), *(f"[{note}]" for note in notes if note)]).strip()
             params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
                                             annotation=annotation | None if annotation is not bool else bool | None,
                                             default=typer.Option(None, *decls, help=help_text, show_default=False)))

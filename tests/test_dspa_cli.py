@@ -59,7 +59,8 @@ def test_fit_info_merge_generate_eval(tiny_setup, tmp_path):
     assert m.count == 24 and m.config["model"] == str(tiny_setup / "model")
     res = runner.invoke(app, ["dspa", "info", str(tmp_path / "map")])
     assert res.exit_code == 0 and "most negative" in res.output
-    res = runner.invoke(app, ["dspa", "merge", str(tmp_path / "map"), str(tmp_path / "map"), "--output", str(tmp_path / "double")])
+    res = runner.invoke(app, ["dspa", "merge", str(tmp_path / "map"), str(tmp_path / "map"), "--allow-overlap",
+                              "--output", str(tmp_path / "double")])
     assert res.exit_code == 0, res.output
     torch.testing.assert_close(DSPAMap.load(tmp_path / "double").matrix(), m.matrix())  # means are unchanged
     res = runner.invoke(app, ["generate", "--model", str(tiny_setup / "model"), "--method", f"dspa:{tmp_path / 'map'}",

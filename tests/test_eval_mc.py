@@ -319,4 +319,4 @@ def test_cli_eval_mc_writes_results_and_paired_deltas(shared_data, smol_tokenize
     delta = json.loads((tmp_path / "b" / "results.json").read_text())["paired_vs_baseline"]["delta"]
     assert delta["arc_easy/acc"]["value"] == 0.0 and delta["winogrande/acc"]["n"] == 3
     bad = CliRunner().invoke(app, ["eval", "mc", "--tasks", "nope"])
-    assert bad.exit_code != 0 and "unknown multiple-choice task" in str(bad.exception or bad.output)
+    assert bad.exit_code == 2 and "error: " in bad.output and "unknown multiple-choice task" in bad.output

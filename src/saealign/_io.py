@@ -131,8 +131,11 @@ def load_tensors(path: str | os.PathLike, manifest: dict[str, dict[str, Any]] | 
     except Exception as err:  # safetensors' own errors do not name the file
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
     if manifest is not None:
-        if sorted(manifest) != sorted(tensors):
-            raise ValueError(f"{path}: holds tensors {sorted(tensors)}, its config records {sorted(manifest)}")
+        missing, extra = sorted(set(manifest) - set(tensors)), sorted(set(tensors) - set(manifest))
+        if missing:
+            raise ValueError(f"{path}: missing tensor {missing[0]!r} that its config records (have {sorted(tensors)})")
+        if extra:
+            raise ValueError(f"{path}: tensor {extra[0]!r} is not among those its config records ({sorted(manifest)})")
         for name, want in manifest.items():
             got = tensors[name]
             if list(got.shape) != list(want["shape"]) or str(got.dtype).removeprefix("torch.") != want["dtype"]:

@@ -7,8 +7,6 @@ dialogues: prompt + chosen and prompt + rejected), or a HF dataset name.
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 
 from saealign import data
@@ -27,16 +25,13 @@ def preference_texts(tokenizer, triples) -> list[str]:
     return texts
 
 
-def _open(path: Path):
-    return gzip.open(path, "rt") if path.suffix == ".gz" else open(path)
-
-
-def _record_text(record: dict, tokenizer, where: str) -> str:
-    if "text" in record:
+def _record_text(record, tokenizer, where: str) -> str:
+    if isinstance(record, dict) and isinstance(record.get("text"), str):
         return record["text"]
-    if "messages" in record:
+    if isinstance(record, dict) and isinstance(record.get("messages"), list):
         return render_dialogue(tokenizer, record["messages"])
-    raise ValueError(f"{where}: record has neither a 'text' nor a 'messages' field (fields: {sorted(record)})")
+    got = f"fields {sorted(record)}" if isinstance(record, dict) else type(record).__name__
+    raise ValueError(f"{where}: expected an object with a string 'text' or a list 'messages' field, got {got}")
 
 
 def sample_texts(texts: list[str], n: int | None, seed: int = 0) -> list[str]:
@@ -51,50 +46,31 @@ def sample_texts(texts: list[str], n: int | None, seed: int = 0) -> list[str]:
 def load_texts(source: str, tokenizer, role: str | None = None, split_seed: int = 0) -> list[str]:
     """Texts of a corpus. `role` selects a data role (fit, validation, test_helpful, ...) when
     `source` is an HH-RLHF directory laid out as in the shared data; `split_seed` is the seed of
-    that split (keep 0, the protocol's, so validation text never leaks into training)."""
-    path = Path(source)
-    if path.is_dir():
-        roles = data.hh_rlhf_roles(path, seed=split_seed)
-        if role is None or role not in roles:
-            raise ValueError(f"{path} is an HH-RLHF directory: pass role= one of {sorted(r for r in roles if not r.startswith('_'))}")
-        texts = preference_texts(tokenizer, roles[role])
-    elif path.exists() and _is_preference_file(path):
-        texts = preference_texts(tokenizer, data.load_preferences(str(path)))
-    elif path.exists():
-        name = path.name.removesuffix(".gz")
-        if name.endswith(".txt"):
-            with _open(path) as fh:
-                texts = [line.rstrip("\n") for line in fh if line.strip()]
-        elif name.endswith(".jsonl"):
-            with _open(path) as fh:
-                texts = [_record_text(json.loads(line), tokenizer, f"{path}:{i}") for i, line in enumerate(fh, 1) if line.strip()]
-        elif name.endswith(".json"):
-            with _open(path) as fh:
-                texts = [_record_text(r, tokenizer, f"{path}[{i}]") for i, r in enumerate(json.load(fh))]
-        elif name.endswith(".parquet"):
-            import pandas as pd
+    that split (keep 0, the protocol's, so validation text never leaks into training).
 
-            texts = [_record_text(r, tokenizer, f"{path} row {i}") for i, r in enumerate(pd.read_parquet(path).to_dict("records"))]
-        else:
-            raise ValueError(f"{path}: unsupported corpus file type (expected .txt, .jsonl, .json, .parquet, optionally .gz)")
+    Preference sources go through `data.select_triples`, so they are checked by the same rules as
+    for fitting; a corpus without any text is refused here, before activations are extracted.
+    """
+    path = data.local_path(source)
+    if path is not None and (path.is_dir() or role is not None or _is_preference_file(path)):
+        texts = preference_texts(tokenizer, data.select_triples(source, role, split_seed=split_seed))
+    elif path is not None and path.name.lower().removesuffix(".gz").endswith(".txt"):
+        texts = [line for _, line in data.read_lines(path) if line.strip()]
+    elif path is not None:
+        texts = [_record_text(record, tokenizer, f"{path}:{line}") for line, record in data.read_records(path)]
     else:
         import datasets
 
         ds = datasets.load_dataset(source, split="train")
-        texts = [_record_text(r, tokenizer, f"{source}[{i}]") for i, r in enumerate(ds)]
+        texts = [_record_text(r, tokenizer, f"{source}:{i}") for i, r in enumerate(ds, 1)]
+    if not texts:
+        raise ValueError(f"no texts in {source}")
     return texts
 
 
 def _is_preference_file(path: Path) -> bool:
     """Peek at the first record: preference data has chosen/rejected fields."""
-    name = path.name.removesuffix(".gz")
-    if not (name.endswith(".jsonl") or name.endswith(".json")):
+    if not path.name.lower().removesuffix(".gz").endswith((".jsonl", ".json")):
         return False
-    with _open(path) as fh:
-        if name.endswith(".jsonl"):
-            first = next((line for line in fh if line.strip()), "{}")
-            record = json.loads(first)
-        else:
-            records = json.load(fh)
-            record = records[0] if records else {}
+    record = next((record for _, record in data.read_records(path)), None)
     return isinstance(record, dict) and "chosen" in record and "rejected" in record

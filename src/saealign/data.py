@@ -48,6 +48,10 @@ _PATH_SUFFIXES = (".jsonl", ".json", ".parquet", ".gz", ".txt", ".csv", ".tsv", 
 HH_SUBSETS = ("helpful-base", "helpful-online", "helpful-rejection-sampled", "harmless-base")
 FIT_SUBSETS = ("helpful-online", "helpful-rejection-sampled")
 DATA_ROLES = ("fit", "validation", "test_helpful", "test_harmless")
+# SPLITS.md's seeded split of harmless-base over dialogues: 40 % fit, 10 % validation, 50 % test. Kept apart
+# from DATA_ROLES because `test_harmless` (the whole of harmless-base) predates it and overlaps all three.
+HARMLESS_ROLES = ("harmless_fit", "harmless_validation", "harmless_test")
+HARMLESS_FRACTIONS = (0.4, 0.1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,7 +99,7 @@ class PreferenceDataError(ValueError):
 
 
 class _FieldError(Exception):
-    """Raised while parsing one record; the loader adds file and line."""
+    """A bad record (raised while parsing, or yielded by `read_records`); the loader adds file and line."""
 
     def __init__(self, field: str | None, message: str, reason: str = "invalid_field"):
         super().__init__(message)
@@ -828,6 +832,22 @@ def iter_batches(rendered: Sequence[RenderedTriple], tokenizer, batch_size: int 
         yield indices, collate_pairs([rendered[i] for i in indices], tokenizer, which, pad_side)
 
 
+def harmless_roles(data_dir: str | Path, seed: int = 0, allow_empty: bool = True) -> dict[str, list[PreferenceTriple]]:
+    """SPLITS.md's harmless-fit / -validation / -test parts of harmless-base (a seeded draw over
+    dialogues, each part in file order), so harmful prompts can be fitted and tuned on without touching test."""
+    root = Path(data_dir)
+    path = (root / "hh-rlhf" if (root / "hh-rlhf").is_dir() else root) / "harmless-base" / "test.jsonl.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{root}: no harmless-base/test.jsonl.gz; harmless roles need the shared data root")
+    triples = load_preferences(path, subset="harmless-base", allow_empty=allow_empty)
+    order = list(range(len(triples)))
+    random.Random(f"harmless/{seed}").shuffle(order)
+    n_fit = math.floor(HARMLESS_FRACTIONS[0] * len(order) + 0.5)
+    n_val = math.floor(HARMLESS_FRACTIONS[1] * len(order) + 0.5)
+    parts = (order[:n_fit], order[n_fit:n_fit + n_val], order[n_fit + n_val:])
+    return {role: [triples[i] for i in sorted(part)] for role, part in zip(HARMLESS_ROLES, parts)}
+
+
 def select_triples(data: str | Path, role: str | None = None, n: int | None = None, seed: int = 0,
                    split_seed: int = 0, allow_empty: bool = True) -> list[PreferenceTriple]:
     """Triples from a file / HF dataset, or one role of an HH-RLHF directory (split with `split_seed`,
@@ -842,9 +862,13 @@ def select_triples(data: str | Path, role: str | None = None, n: int | None = No
     else:
         if path is None:
             raise FileNotFoundError(f"no such file or directory: {data} (a data role needs an HH-RLHF directory)")
-        if role not in DATA_ROLES:  # checked before the whole split is loaded
-            raise ValueError(f"{data} is an HH-RLHF directory: pass a role, one of {list(DATA_ROLES)}, got {role!r}")
-        triples = list(hh_rlhf_roles(path, seed=split_seed, allow_empty=allow_empty)[role])
+        if role not in DATA_ROLES + HARMLESS_ROLES:  # checked before the whole split is loaded
+            raise ValueError(f"{data} is an HH-RLHF directory: pass a role, one of "
+                             f"{list(DATA_ROLES + HARMLESS_ROLES)}, got {role!r}")
+        if role in HARMLESS_ROLES:
+            triples = harmless_roles(path, seed=split_seed, allow_empty=allow_empty)[role]
+        else:
+            triples = list(hh_rlhf_roles(path, seed=split_seed, allow_empty=allow_empty)[role])
         if not triples:
             raise ValueError(f"no preference triples in role {role!r} of {data}")
     return restrict(triples, n, seed=seed) if n is not None and n < len(triples) else triples

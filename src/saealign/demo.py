@@ -19,23 +19,29 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.table import Table
 
+from saealign.config import check_config
+
 DEMO_DATA = Path(__file__).resolve().parent / "resources" / "demo_preferences.jsonl"
 
 
 @dataclass
 class DemoConfig:
     data: str = field(default=str(DEMO_DATA), metadata={"help": "Preference triples (default: the built-in demonstration set)."})
-    model: str = "smollm2-135m-instruct"
-    sae_in: str = "default:in"
-    sae_out: str = "default:out"
-    heldout: float = field(default=0.25, metadata={"help": "Fraction of triples held out for the preference metric."})
-    show: int = field(default=3, metadata={"help": "Held-out prompts to answer base vs steered."})
-    max_new_tokens: int = 80
-    alpha: float = 0.2
-    k_prompt: int = 32
-    k_diff: int = 16
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "Model alias, local directory or hub id."})
+    sae_in: str = field(default="default:in", metadata={"help": "SAE read at the input (prompt) layer."})
+    sae_out: str = field(default="default:out", metadata={"help": "SAE edited at the output layer."})
+    heldout: float = field(default=0.25, metadata={"help": "Fraction of triples held out for the preference metric.",
+                                                   "gt": 0, "lt": 1})
+    show: int = field(default=3, metadata={"help": "Held-out prompts to answer base vs steered.", "ge": 1})
+    max_new_tokens: int = field(default=80, metadata={"help": "Tokens generated per answer.", "ge": 1})
+    alpha: float = field(default=0.2, metadata={"help": "Edit strength (a fraction of the token's largest latent).", "ge": 0})
+    k_prompt: int = field(default=32, metadata={"help": "Prompt latents kept for the map's scores.", "ge": 1})
+    k_diff: int = field(default=16, metadata={"help": "Output latents selected per prompt.", "ge": 1})
     output: str = field(default="runs/demo", metadata={"help": "Where the fitted map and results are written."})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "Seed of the held-out split."})
+
+    def __post_init__(self) -> None:
+        check_config(self)
 
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
@@ -49,11 +55,11 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     console = console or Console()
     t0 = time.time()
     console.rule("[bold]saealign demo: DSPA on the embedded default model")
+    triples = load_preferences(cfg.data)  # bad data is refused before the model loads
     model, tok = load_model(cfg.model)
     sae_in, sae_out = load_sae(cfg.sae_in), load_sae(cfg.sae_out)
     console.print(f"model {cfg.model} loaded; SAEs: input layer {sae_in.layer} ({sae_in.d_sae} latents), "
                   f"output layer {sae_out.layer} ({sae_out.d_sae} latents)  [{time.time() - t0:.0f} s]")
-    triples = load_preferences(cfg.data)
     if Path(cfg.data) == DEMO_DATA:
         console.print("[yellow]data: the built-in DEMONSTRATION set (written for this project; not a benchmark)[/yellow]")
     order = list(range(len(triples)))

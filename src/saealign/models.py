@@ -175,19 +175,27 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
     `name_or_path` is a built-in alias (`saealign models`), a local directory, or a HF hub id.
     The tokenizer pads on the left (what batched generation needs) and always has a pad token.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    source = model_source(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    tokenizer = load_tokenizer(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(model_source(name_or_path), dtype=torch_dtype)
     model.to(dev).eval()
     model.config.saealign_model_id = name_or_path  # recorded in every artifact built on this model
+    return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+    """The model's tokenizer alone (cheap): commands read and check their data with it before the
+    model loads. Pads on the left (what batched generation needs) and always has a pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_source(name_or_path))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
 
 
 def model_id(model) -> str:

@@ -4,6 +4,10 @@ An `Intervention` changes a model at inference time: `apply(model, positions)` r
 manager (hooks are attached inside it and removed after), and `system_prompt` (or None) is the
 text harnesses put in the system turn when they render chats (the prompt-prefix baseline).
 
+For batches that mix methods (the server), an intervention also has a per-row form
+(`row_steering(**settings)` -> `RowSteering`): its edit takes each row's own state, so a base row is a
+row with empty state and a request's settings never touch the method object.
+
 `positions`: "generation" (default: tokens generated after the prompt) or an explicit
 (batch, seq) bool mask of positions to edit — teacher-forced scoring passes its response mask,
 so a scored response is edited exactly where generation would have edited it.
@@ -12,12 +16,15 @@ so a scored response is edited exactly where generation would have edited it.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager, Protocol, runtime_checkable
+from typing import Any, Callable, ContextManager, Hashable, Protocol, runtime_checkable
+
+import torch
 
 from saealign._io import read_json
 from saealign.config import ConfigError
-from saealign.hooks import PositionSpec
+from saealign.hooks import CallContext, PositionSpec
 
 
 @runtime_checkable
@@ -26,6 +33,53 @@ class Intervention(Protocol):
     system_prompt: str | None
 
     def apply(self, model, positions: PositionSpec = "generation") -> ContextManager[Any]: ...
+
+
+class RowEdit(Protocol):
+    """One layer's edit over a batch whose rows each carry their own state (a row in `empty` state stays
+    bit-for-bit unchanged). Rows of every request whose steering has the same `key` share one call per step."""
+
+    key: Hashable
+    layer: int
+
+    def empty(self, rows: int, device: torch.device) -> dict[str, torch.Tensor]: ...
+
+    def prepare(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The form `__call__` takes, made once each time the batch's rows change (it may synchronise)."""
+        ...
+
+    def __call__(self, hidden: torch.Tensor, edit: torch.Tensor, state: dict[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(new residual, (batch, seq) bool: positions changed) for the positions `edit` marks."""
+        ...
+
+
+@dataclass(frozen=True)
+class RowSteering:
+    """The per-row form of an intervention with one request's settings, so that requests with different
+    methods share a batch (the server): `state(hidden_in, ctx)` gives the rows' state for `edit` from their
+    prefill call (`hidden_in`: the residual at `in_layer`, None when `in_layer` is None)."""
+
+    edit: RowEdit
+    state: Callable[[torch.Tensor | None, CallContext], dict[str, torch.Tensor]]
+    in_layer: int | None = None
+
+
+def row_steering(intervention: Intervention | None, **settings: Any) -> RowSteering | None:
+    """The per-row form of `intervention` with per-request `settings` (alpha, k_prompt, k_diff, mode; coef for
+    RepE), validated; None when it edits nothing (base, prompt-prefix)."""
+    from saealign.dspa.baselines import PromptPrefix
+
+    if intervention is None or isinstance(intervention, PromptPrefix):  # no hooks: only the rendered prompt differs
+        if settings:
+            name = getattr(intervention, "name", "base")
+            raise ConfigError(next(iter(settings)), f"is not a setting of method {name!r} (it takes none)")
+        return None
+    form = getattr(intervention, "row_steering", None)
+    if form is None:
+        raise ValueError(f"intervention {intervention.name!r} has no per-row form (`row_steering`), so it cannot "
+                         "share a batch with other methods")
+    return form(**settings)
 
 
 def apply_intervention(intervention: Intervention | None, model, positions: PositionSpec = "generation") -> ContextManager[Any]:

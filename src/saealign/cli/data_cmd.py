@@ -11,7 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from saealign.best_of_k import BestOfKConfig
 from saealign.cli import data_app
+from saealign.cli._config import config_command
 from saealign.data import LoadReport, PreferenceTriple, load_preferences
 
 
@@ -74,11 +76,11 @@ def inspect(
     split: str | None = typer.Option(None, help="HF dataset split (default: train)."),
     hf_config: str | None = typer.Option(None, help="HF dataset configuration name."),
     hf_data_dir: str | None = typer.Option(None, help="HF dataset data_dir, e.g. helpful-base for Anthropic/hh-rlhf."),
-    limit: int | None = typer.Option(None, help="Read at most this many usable pairs."),
+    limit: int | None = typer.Option(None, min=1, help="Read at most this many usable pairs."),
     model: str | None = typer.Option(None, help="Also report token lengths under this model's chat template "
                                                 "(alias, local dir or hub id)."),
     allow_empty: bool = typer.Option(True, help="Count empty responses as warnings rather than errors."),
-    max_problems: int = typer.Option(20, help="Problems to print."),
+    max_problems: int = typer.Option(20, min=0, help="Problems to print."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the statistics as JSON here."),
 ) -> None:
     """Counts, detected formats, prompt/response lengths, turns and every problem of a preference data set."""
@@ -102,3 +104,14 @@ def inspect(
         from saealign._io import write_json
 
         write_json(json_out, info)
+
+
+@config_command(data_app, "best-of-k", BestOfKConfig, required=("output", "sources", "scorer"))
+def best_of_k(cfg: BestOfKConfig) -> None:
+    """Preference triples by best-of-K: K sampled base-model answers per prompt, scored by an attribute
+    scorer; chosen = best, rejected = worst, ties skipped. Resumable; provenance in OUTPUT/provenance.json."""
+    from saealign.best_of_k import build_best_of_k
+
+    counts = build_best_of_k(cfg)["counts"]
+    Console().print(f"prompts {counts['prompts']}, triples {counts['triples']}, skipped: tie {counts['skipped_tie']}, "
+                    f"margin {counts['skipped_margin']}; by kind {counts['by_kind']}; written to {cfg.output}")

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from saealign.cli import app, dspa_app
 from saealign.cli._config import config_command
+from saealign.config import ConfigError
 from saealign.data import select_triples
 from saealign.dspa.fitting import DSPAFitConfig, run_fit
 
@@ -28,11 +29,13 @@ def fit(cfg: DSPAFitConfig) -> None:
 
 @dspa_app.command("merge")
 def merge(maps: list[Path] = typer.Argument(..., help="Map directories fitted on disjoint shards."),
-          output: Path = typer.Option(..., "--output", help="Directory for the merged map.")) -> None:
-    """Merge maps exactly (their sums add; counts add)."""
+          output: Path = typer.Option(..., "--output", help="Directory for the merged map."),
+          allow_overlap: bool = typer.Option(False, help="Merge maps fitted on the same data anyway (its triples count twice).")
+          ) -> None:
+    """Merge maps exactly (their sums add; counts add). Maps of the same data are refused unless --allow-overlap."""
     from saealign.dspa import DSPAMap, merge_maps
 
-    merged = merge_maps([DSPAMap.load(m) for m in maps])
+    merged = merge_maps([DSPAMap.load(m) for m in maps], allow_overlap=allow_overlap)
     merged.save(output)
     console.print(f"merged {len(maps)} maps: {merged.count} triples -> {output}")
 
@@ -78,8 +81,9 @@ def repe(cfg: RepEFitConfig) -> None:
     from saealign.dspa import RepE
     from saealign.models import load_model
 
+    triples = select_triples(cfg.data, cfg.data_role, cfg.n, cfg.seed)  # bad data: refused before the model loads
     model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    vec = RepE.fit(model, tok, select_triples(cfg.data, cfg.data_role, cfg.n, cfg.seed), cfg.layer, max_length=cfg.max_length)
+    vec = RepE.fit(model, tok, triples, cfg.layer, max_length=cfg.max_length)
     vec.coef = cfg.coef
     vec.save(cfg.output)
     console.print(f"RepE vector at layer {cfg.layer} (norm {vec.vector.norm():.2f}) -> {cfg.output}")
@@ -129,21 +133,20 @@ def generate(prompt: list[str] = typer.Option(..., "--prompt", "-p", help="A use
 
 
 @app.command("chat")
-def chat(method: str = typer.Option("base", help=_METHOD_HELP),
+def chat(method: str = typer.Option("base", help=_METHOD_HELP + " With --url: a method the server serves."),
+         url: str | None = typer.Option(None, help="Talk to a running `saealign serve` (http://HOST:PORT/v1) "
+                                                   "instead of loading a model; replies are streamed."),
+         api_key_env: str | None = typer.Option(None, help="With --url: send `Bearer $VAR`."),
          compare: bool = typer.Option(False, help="Show the base model's reply beside the steered one."),
          model: str = typer.Option("smollm2-135m-instruct"), max_new_tokens: int = 256, temperature: float = 0.0,
          alpha: float | None = None, k_prompt: int | None = None, k_diff: int | None = None, mode: str | None = None,
          threshold: float | None = None) -> None:
     """Interactive multi-turn chat (empty line or /exit to quit; /reset clears the history)."""
-    from saealign.eval.generation import Sampling, generate_chat
-    from saealign.models import load_model
-    from saealign.steering import load_method
-
-    mdl, tok = load_model(model)
-    steer = load_method(method, model=mdl, **_steer_options(alpha, k_prompt, k_diff, mode, threshold))
-    sampling = Sampling(temperature=temperature, max_new_tokens=max_new_tokens)
+    options = _steer_options(alpha, k_prompt, k_diff, mode, threshold)
+    reply = _remote_replies(url, method, options, api_key_env, max_new_tokens, temperature) if url else \
+        _local_replies(model, method, options, max_new_tokens, temperature)
     history: list[dict] = []
-    console.print(f"chatting with {model} [{method}] — /reset, /exit")
+    console.print(f"chatting with {url or model} [{method}] — /reset, /exit")
     while True:
         try:
             text = console.input("[bold]you> [/bold]").strip()
@@ -155,11 +158,53 @@ def chat(method: str = typer.Option("base", help=_METHOD_HELP),
             history = []
             continue
         history.append({"role": "user", "content": text})
-        reply = generate_chat(mdl, tok, [history], sampling, intervention=steer, progress=False)[0]
-        if compare and steer is not None:
-            console.print(f"[cyan]base> [/cyan]{generate_chat(mdl, tok, [history], sampling, progress=False)[0]}")
-        console.print(f"[green]{method}> [/green]{reply}")
-        history.append({"role": "assistant", "content": reply})
+        if compare and method != "base":
+            _show("[cyan]base> [/cyan]", reply(history, False))
+        history.append({"role": "assistant", "content": _show(f"[green]{method}> [/green]", reply(history, True))})
+
+
+def _show(prefix: str, chunks) -> str:
+    """Print a reply as its pieces arrive; returns its text."""
+    console.print(prefix, end="")
+    text = ""
+    for chunk in chunks:
+        console.print(chunk, end="", markup=False, highlight=False)
+        text += chunk
+    console.print()
+    return text.strip()
+
+
+def _local_replies(model: str, method: str, options: dict, max_new_tokens: int, temperature: float):
+    from saealign.eval.generation import Sampling, generate_chat
+    from saealign.models import load_model
+    from saealign.steering import load_method
+
+    mdl, tok = load_model(model)
+    steer = load_method(method, model=mdl, **options)
+    sampling = Sampling(temperature=temperature, max_new_tokens=max_new_tokens)
+    return lambda history, steered: [generate_chat(mdl, tok, [history], sampling, intervention=steer if steered else None,
+                                                   progress=False)[0]]
+
+
+def _remote_replies(url: str, method: str, options: dict, api_key_env: str | None, max_new_tokens: int,
+                    temperature: float):
+    """Replies streamed from a server; the steering options travel with each request (`steering`)."""
+    import os
+
+    from saealign.serve import stream_chat
+
+    if "threshold" in options:
+        raise ConfigError("threshold", "is fixed per method on a server (register a method with another threshold)")
+    api_key = os.environ.get(api_key_env) if api_key_env else None
+    if api_key_env and not api_key:
+        raise ValueError(f"--api-key-env {api_key_env}: the variable is not set")
+
+    def reply(history: list[dict], steered: bool):
+        body = {"model": method if steered else "base", "messages": history, "max_tokens": max_new_tokens,
+                "temperature": temperature, **({"steering": options} if steered and options else {})}
+        return stream_chat(url, body, api_key)
+
+    return reply
 
 
 def _demo_command() -> None:

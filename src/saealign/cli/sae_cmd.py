@@ -11,6 +11,7 @@ from rich.table import Table
 
 from saealign.cli import sae_app
 from saealign.cli._config import config_command
+from saealign.config import check_config
 from saealign.sae.train import SAETrainConfig, train_saes
 
 console = Console()
@@ -31,25 +32,30 @@ class SAEEvalConfig:
     corpus: str = field(default="", metadata={"help": "Held-out text corpus (same forms as sae train --corpus)."})
     corpus_role: str | None = field(default=None, metadata={"help": "Data role when --corpus is an HH-RLHF directory (e.g. validation)."})
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "Model the SAE belongs to."})
-    limit: int | None = field(default=None, metadata={"help": "Use a seeded sample of at most this many texts."})
+    limit: int | None = field(default=None, metadata={"help": "Use a seeded sample of at most this many texts.", "ge": 1})
     zero_ablation: bool = field(default=False, metadata={"help": "Also report the loss with the layer zeroed."})
-    max_length: int = 512
+    max_length: int = field(default=512, metadata={"ge": 1})
     dtype: str = "float32"
     seed: int = 0
     output: str | None = field(default=None, metadata={"help": "Write the metrics as JSON here."})
     device: str | None = None
 
+    def __post_init__(self) -> None:
+        check_config(self)
+
 
 def run_sae_eval(cfg: SAEEvalConfig) -> dict:
     from saealign import __version__
     from saealign.corpus import load_texts, sample_texts
-    from saealign.models import load_model
+    from saealign.models import load_model, load_tokenizer
     from saealign.sae import load_sae
     from saealign.sae.evaluate import evaluate_sae
 
-    model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    sae = load_sae(cfg.sae)
+    tok = load_tokenizer(cfg.model)
     texts = sample_texts(load_texts(cfg.corpus, tok, role=cfg.corpus_role), cfg.limit, cfg.seed)
+    sae = load_sae(cfg.sae)
+    model, _ = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)  # after the corpus and SAE passed their checks
+    sae.check_model(model)
     result = evaluate_sae(sae, model, tok, texts, max_length=cfg.max_length, zero_ablation=cfg.zero_ablation)
     return {"config": cfg.__dict__, "sae": sae.describe(), "layer": sae.layer, "saealign_version": __version__,
             "metrics": result.as_dict()}

@@ -1,4 +1,4 @@
-"""`saealign serve`: an OpenAI-compatible endpoint for a base or steered model."""
+"""`saealign serve`: an OpenAI-compatible endpoint serving the base model and steered methods side by side."""
 
 from __future__ import annotations
 
@@ -11,12 +11,10 @@ from saealign.serve import ServeConfig, build_server
 
 @config_command(app, "serve", ServeConfig)
 def serve(cfg: ServeConfig) -> None:
-    """Serve a (steered) model at http://HOST:PORT/v1 (chat/completions, completions, models); Ctrl-C stops."""
+    """Serve at http://HOST:PORT/v1 (chat/completions, completions, models; /health, /metrics); Ctrl-C stops.
+
+    A request picks its method with `model` (the served name, `base`, or a --method NAME) and its own
+    settings with `steering` ({"alpha": .., "k_diff": .., "mode": ..}); all methods share one batch."""
     server = build_server(cfg)
-    Console().print(f"serving [bold]{server.model_name}[/bold] at {server.url}")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.httpd.server_close()
+    Console().print(f"serving [bold]{server.model_name}[/bold] at {server.url}; methods: {', '.join(server.methods)}")
+    server.serve_forever()

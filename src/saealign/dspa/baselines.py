@@ -17,13 +17,15 @@ import torch
 from tqdm.auto import tqdm
 
 from saealign import __version__
-from saealign._io import read_json, save_tensors, write_json
+from saealign._io import load_tensors, read_json, save_tensors, write_json
 from saealign.activations import DEFAULT_SINK_FACTOR, keep_mask
+from saealign.config import ConfigError
 from saealign.dspa.map import DSPAMap
 from saealign.dspa.steer import LatentSteerer, SteerConfig, select_latents
 from saealign.hooks import CallContext, HookSession, PositionSpec, read_residuals
-from saealign.models import model_id
+from saealign.models import model_fingerprint, model_id, model_mismatch
 from saealign.sae.core import SAE, load_sae
+from saealign.steering import RowSteering
 
 CONFIG = "config.json"
 
@@ -51,6 +53,13 @@ class StaticSAE(LatentSteerer):
         dspa_map.check_compatible(model, sae_out=sae_out)
         return cls(dspa_map, sae_out, **{**cfg.get("steer", {}), **overrides})
 
+    def row_sets(self, cfg: SteerConfig, hidden_in: torch.Tensor | None, ctx: CallContext
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one set of every prompt, under a request's own k_diff and mode."""
+        rows, device = ctx.attention_mask.shape[0], ctx.attention_mask.device
+        minus, plus = select_latents(self.scores.unsqueeze(0), cfg.k_diff, cfg.mode)
+        return minus.to(device).expand(rows, -1), plus.to(device).expand(rows, -1)
+
     def _set_sets(self, hidden: torch.Tensor, ctx: CallContext) -> None:
         batch = hidden.shape[0]
         minus, plus = self._static_sets
@@ -66,6 +75,24 @@ class StaticSAE(LatentSteerer):
 
         session.add(layer, edit, positions=self._edit_positions(positions))
         return session
+
+
+class ShiftRowEdit:
+    """RepE over a shared batch: each row adds its own vector at `layer` (a base row adds none and keeps its bits)."""
+
+    def __init__(self, layer: int, dim: int):
+        self.layer, self.dim, self.key = layer, dim, ("shift", layer)
+
+    def empty(self, rows: int, device: torch.device) -> dict[str, torch.Tensor]:
+        return {"shift": torch.zeros(rows, self.dim, device=device)}
+
+    def prepare(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state
+
+    def __call__(self, hidden: torch.Tensor, edit: torch.Tensor, state: dict[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        changed = edit & state["shift"].ne(0).any(-1, keepdim=True)
+        return torch.where(changed.unsqueeze(-1), hidden + state["shift"].unsqueeze(1).to(hidden.dtype), hidden), changed
 
 
 class RepE:
@@ -104,38 +131,57 @@ class RepE:
             diff = (means[0] - means[1]).sum(0)
             total = diff if total is None else total + diff
         vector = total / len(rendered)
-        config = {"kind": "repe", "saealign_version": __version__, "model": model_id(model), "layer": layer,
-                  "count": len(rendered), "data_fingerprint": triples_fingerprint(triples)}
+        config = {"kind": "repe", "saealign_version": __version__, "model": model_id(model),
+                  "model_fingerprint": model_fingerprint(model), "layer": layer, "count": len(rendered),
+                  "data_fingerprint": triples_fingerprint(triples)}
         return cls(vector.cpu(), layer, 1.0, config)
 
     @classmethod
     def from_map(cls, dspa_map: DSPAMap, coef: float = 1.0) -> "RepE":
         """The RepE vector at l_out that a DSPA fit accumulates from its own passes (no extra pass)."""
         config = {"kind": "repe", "saealign_version": __version__, "model": dspa_map.config["model"],
-                  "layer": dspa_map.config["l_out"], "count": dspa_map.count,
+                  "model_fingerprint": dspa_map.config.get("model_fingerprint"), "layer": dspa_map.config["l_out"], "count": dspa_map.count,
                   "data_fingerprint": dspa_map.config["data_fingerprint"], "from_dspa_map": True}
         return cls(dspa_map.repe_vector(), dspa_map.config["l_out"], coef, config)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        save_tensors(path / "repe.safetensors", {"vector": self.vector})
-        write_json(path / CONFIG, {**self.config, "coef": self.coef})
+        manifest = save_tensors(path / "repe.safetensors", {"vector": self.vector})
+        write_json(path / CONFIG, {**self.config, "coef": self.coef, "tensors": manifest})
         return path
 
     @classmethod
     def load(cls, path: str | Path, model=None, coef: float | None = None) -> "RepE":
-        from safetensors.torch import load_file
-
+        """Load a vector, refusing a corrupt file (checksum, shape, finite values) or another model's."""
         config = read_json(Path(path) / CONFIG)
         if config.get("kind") == "dspa_map":  # `repe:MAP_DIR`: the vector the DSPA fit accumulated
             dspa_map = DSPAMap.load(path)
             dspa_map.check_compatible(model)
             recommended = dspa_map.config.get("recommended_repe", {}).get("coef", 1.0)
             return cls.from_map(dspa_map, recommended if coef is None else coef)
-        if model is not None and model_id(model) != config["model"]:
-            raise ValueError(f"RepE vector was fitted on {config['model']!r}, got model {model_id(model)!r}")
-        vector = load_file(str(Path(path) / "repe.safetensors"))["vector"]
+        mismatch = model_mismatch(model, config["model"], config.get("model_fingerprint")) if model is not None else None
+        if mismatch:
+            raise ValueError(f"RepE vector was fitted on {mismatch}")
+        vector = load_tensors(Path(path) / "repe.safetensors", config.pop("tensors", None))["vector"]
+        want = (model.config.hidden_size,) if model is not None else (vector.numel(),)
+        if tuple(vector.shape) != want:
+            raise ValueError(f"{Path(path) / 'repe.safetensors'}: vector has shape {tuple(vector.shape)}, expected {want}")
         return cls(vector, config["layer"], config.get("coef", 1.0) if coef is None else coef, config)
+
+    def row_steering(self, **settings: Any) -> RowSteering:
+        """This vector with one request's coefficient (`coef`), as rows of a shared batch."""
+        unknown = sorted(set(settings) - {"coef"})
+        if unknown:
+            raise ConfigError(unknown[0], "is not a per-request setting of 'repe' (it takes coef)")
+        coef = settings.get("coef", self.coef)
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)):
+            raise ConfigError("coef", f"must be a number, got {coef!r}")
+        shift = coef * self.vector
+
+        def state(hidden_in: torch.Tensor | None, ctx: CallContext) -> dict[str, torch.Tensor]:
+            return {"shift": shift.to(ctx.attention_mask.device).expand(ctx.attention_mask.shape[0], -1)}
+
+        return RowSteering(ShiftRowEdit(self.layer, self.vector.numel()), state)
 
     def apply(self, model, positions: PositionSpec = "generation") -> HookSession:
         session = HookSession(model)

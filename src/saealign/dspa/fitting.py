@@ -6,9 +6,11 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from saealign.config import check_config
 from saealign.data import in_draw_order, select_triples
 from saealign.dspa.map import DSPAMap, FitOptions, fit_map, merge_maps
 
@@ -23,16 +25,20 @@ class DSPAFitConfig:
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "Model alias, local dir or hub id."})
     sae_in: str = field(default="default:in", metadata={"help": "Input SAE (early/middle layer)."})
     sae_out: str = field(default="default:out", metadata={"help": "Output SAE (late layer, where editing happens)."})
-    n: int | None = field(default=None, metadata={"help": "Use N triples drawn with --seed (nested draws)."})
-    seed: int = 0
-    stat: str = field(default="density", metadata={"help": "Prompt statistic: density (paper) or mean."})
-    threshold: float = field(default=0.0, metadata={"help": "Recommended tau stored with the map (|A_ij| < tau dropped when steering)."})
-    batch_size: int = 8
-    max_length: int = field(default=1024, metadata={"help": "Tokens per [prompt; response] (prompt end and response start kept)."})
-    checkpoint_every: int = field(default=256, metadata={"help": "Triples between resumable checkpoints."})
-    snapshots: list[int] = field(default_factory=list, metadata={"help": "Also save the map of the seeded n-draw to OUTPUT/snapshot_n (nested N-restrictions, one pass)."})
-    dtype: str | None = None
-    device: str | None = None
+    n: int | None = field(default=None, metadata={"help": "Use N triples drawn with --seed (nested draws).", "ge": 1})
+    seed: int = field(default=0, metadata={"help": "Seed of the --n draw (and of the snapshot order)."})
+    stat: Literal["density", "mean"] = field(default="density", metadata={"help": "Prompt statistic: density (paper) or mean."})
+    threshold: float = field(default=0.0, metadata={"help": "Recommended tau stored with the map (|A_ij| < tau dropped when steering).", "ge": 0})
+    batch_size: int = field(default=8, metadata={"help": "Triples per forward batch.", "ge": 1})
+    max_length: int = field(default=1024, metadata={"help": "Tokens per [prompt; response] (prompt end and response start kept).", "ge": 2})
+    checkpoint_every: int = field(default=256, metadata={"help": "Triples between resumable checkpoints.", "ge": 1})
+    snapshots: list[int] = field(default_factory=list, metadata={"help": "Also save the map of the seeded n-draw to OUTPUT/snapshot_n (nested N-restrictions, one pass).", "ge": 1})
+    dtype: str | None = field(default=None, metadata={"help": "Model dtype (default: bf16 on CUDA, fp32 on CPU)."})
+    device: str | None = field(default=None, metadata={"help": "Model device (default: CUDA when present)."})
+    overwrite: bool = field(default=False, metadata={"help": "Start afresh when OUTPUT holds a fit (or checkpoint) with other settings."})
+
+    def __post_init__(self) -> None:
+        check_config(self)
 
 
 class _SingleProcess:
@@ -56,29 +62,33 @@ def run_fit(cfg: DSPAFitConfig, model=None, tokenizer=None) -> DSPAMap:
 
     if not cfg.data or not cfg.output:
         raise ValueError("dspa fit needs --data and --output")
+    # the data before the model: an empty selection fails before anything heavy loads
+    options = FitOptions(stat=cfg.stat, batch_size=cfg.batch_size, max_length=cfg.max_length)
+    triples = select_triples(cfg.data, cfg.data_role, cfg.n, cfg.seed)
+    if not triples:
+        raise ValueError(f"{cfg.data}: no preference triples selected (role {cfg.data_role!r}, n {cfg.n})")
+    if cfg.snapshots:  # snapshot_n = the map of the seeded n-draw (`--n n --seed s`), from the same pass
+        triples = in_draw_order(triples, cfg.seed)
     state = _launch_state()
     if model is None:
         device = state.device if state.num_processes > 1 else cfg.device
         model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype)
     sae_in, sae_out = load_sae(cfg.sae_in), load_sae(cfg.sae_out)
-    triples = select_triples(cfg.data, cfg.data_role, cfg.n, cfg.seed)
-    if cfg.snapshots:  # snapshot_n = the map of the seeded n-draw (`--n n --seed s`), from the same pass
-        triples = in_draw_order(triples, cfg.seed)
-    options = FitOptions(stat=cfg.stat, batch_size=cfg.batch_size, max_length=cfg.max_length)
     out = Path(cfg.output)
     if state.num_processes == 1:
         dspa_map = fit_map(model, tokenizer, sae_in, sae_out, triples, options, checkpoint_dir=out,
-                           checkpoint_every=cfg.checkpoint_every, snapshots=cfg.snapshots, seed=cfg.seed)
-    else:
+                           checkpoint_every=cfg.checkpoint_every, snapshots=cfg.snapshots, seed=cfg.seed,
+                           overwrite=cfg.overwrite)
+    else:  # each shard is saved to its directory by fit_map
         shard = triples[state.process_index:: state.num_processes]
-        shard_dir = out / f"shard_{state.process_index}"
-        part = fit_map(model, tokenizer, sae_in, sae_out, shard, options, checkpoint_dir=shard_dir,
-                       checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, progress=state.is_main_process)
-        part.save(shard_dir)
+        part = fit_map(model, tokenizer, sae_in, sae_out, shard, options, checkpoint_dir=out / f"shard_{state.process_index}",
+                       checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, progress=state.is_main_process,
+                       overwrite=cfg.overwrite)
         state.wait_for_everyone()
         if not state.is_main_process:
             return part
-        dspa_map = merge_maps([DSPAMap.load(out / f"shard_{r}") for r in range(state.num_processes)])
+        # shards are disjoint by construction (equal fingerprints only if the data repeats itself)
+        dspa_map = merge_maps([DSPAMap.load(out / f"shard_{r}") for r in range(state.num_processes)], allow_overlap=True)
     dspa_map.config["threshold"] = cfg.threshold
     dspa_map.config["data"] = {"source": cfg.data, "role": cfg.data_role, "n": len(triples), "seed": cfg.seed}
     dspa_map.save(out)

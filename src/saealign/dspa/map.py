@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,11 @@ import torch
 from tqdm.auto import tqdm
 
 from saealign import __version__
-from saealign._io import read_json, save_tensors, write_json
+from saealign._io import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from saealign.activations import DEFAULT_SINK_FACTOR, keep_mask
+from saealign.config import check_config
 from saealign.hooks import read_residuals
-from saealign.models import model_id
+from saealign.models import model_fingerprint, model_id, model_mismatch
 from saealign.sae.core import SAE
 
 log = logging.getLogger(__name__)
@@ -140,8 +142,10 @@ class DSPAMap:
     def check_compatible(self, model=None, sae_in: SAE | None = None, sae_out: SAE | None = None) -> None:
         """Refuse a model or SAEs other than the ones the map was fitted with, saying which part differs."""
         problems = []
-        if model is not None and model_id(model) != self.config["model"]:
-            problems.append(f"model: map was fitted on {self.config['model']!r}, got {model_id(model)!r}")
+        if model is not None:
+            mismatch = model_mismatch(model, self.config["model"], self.config.get("model_fingerprint"))
+            if mismatch:
+                problems.append(f"model: map was fitted on {mismatch}")
         for name, sae in (("sae_in", sae_in), ("sae_out", sae_out)):
             if sae is None:
                 continue
@@ -161,19 +165,20 @@ class DSPAMap:
             tensors = {"a_sum_indices": self.a_sum.indices.int(), "a_sum_values": self.a_sum.values}
         if self.repe_sum is not None:
             tensors["repe_sum"] = self.repe_sum.double()
-        save_tensors(path / MAP_TENSORS, {**tensors, "g_sum": self.g_sum.double()})
-        write_json(path / CONFIG, {**self.config, "count": self.count, "nnz": self.a_sum.nnz})
+        manifest = save_tensors(path / MAP_TENSORS, {**tensors, "g_sum": self.g_sum.double()})
+        write_json(path / CONFIG, {**self.config, "count": self.count, "nnz": self.a_sum.nnz, "tensors": manifest})
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "DSPAMap":
-        from safetensors.torch import load_file
-
+        """Load a saved map, refusing corrupt files: checksums and shapes recorded in the config (maps
+        saved before checksums are checked for finite values and shapes only)."""
         path = Path(path)
         config = read_json(path / CONFIG)
         if config.get("kind") != "dspa_map":
             raise ValueError(f"{path / CONFIG}: not a DSPA map (kind={config.get('kind')!r})")
-        tensors = load_file(str(path / MAP_TENSORS))
+        tensors = load_tensors(path / MAP_TENSORS, config.pop("tensors", None))
+        _check_shapes(tensors, config, path)
         if "a_sum_dense" in tensors:
             a_sum = SparseSum(config["m_in"], config["m_out"], _dense=tensors["a_sum_dense"])
         else:
@@ -200,20 +205,61 @@ def write_recommended(path: str | Path, dspa: dict | None = None, static: dict |
     write_json(Path(path) / CONFIG, config)
 
 
-def merge_maps(maps: Sequence[DSPAMap]) -> DSPAMap:
-    """Count-weighted merge (exact: sums add). All maps must share model, SAEs and options."""
+def _check_shapes(tensors: dict[str, torch.Tensor], config: dict[str, Any], path: Path) -> None:
+    """The tensors must have the sizes the config states (an edited or mismatched config is refused)."""
+    m_in, m_out = config["m_in"], config["m_out"]
+    for name, size in (("m_in", m_in), ("m_out", m_out)):
+        recorded = config.get("sae_in" if name == "m_in" else "sae_out", {}).get("d_sae", size)
+        if size != recorded:
+            raise ValueError(f"{path / CONFIG}: {name}={size}, but its SAE has d_sae={recorded}")
+    want = {"g_sum": (m_in,), "a_sum_dense": (m_in, m_out), "repe_sum": (config.get("d_model"),)}
+    for name, shape in want.items():
+        got = tuple(tensors[name].shape) if name in tensors else shape
+        if None not in shape and got != shape:
+            raise ValueError(f"{path / MAP_TENSORS}: tensor {name!r} has shape {got}, but {CONFIG} says {shape} "
+                             f"(m_in={m_in}, m_out={m_out}, d_model={config.get('d_model')})")
+    if "a_sum_dense" not in tensors:
+        idx, values = tensors.get("a_sum_indices"), tensors.get("a_sum_values")
+        if idx is None or values is None:
+            raise ValueError(f"{path / MAP_TENSORS}: holds neither a_sum_dense nor a_sum_indices/a_sum_values")
+        if idx.dim() != 2 or idx.shape[0] != 2 or idx.shape[1] != values.numel() or values.dim() != 1:
+            raise ValueError(f"{path / MAP_TENSORS}: a_sum_indices {tuple(idx.shape)} and a_sum_values "
+                             f"{tuple(values.shape)} do not form a sparse matrix")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx[0].max()) >= m_in or int(idx[1].max()) >= m_out):
+            raise ValueError(f"{path / MAP_TENSORS}: a_sum_indices reach ({int(idx[0].max())}, {int(idx[1].max())}), "
+                             f"outside the ({m_in}, {m_out}) map that {CONFIG} states")
+
+
+def _data_fingerprints(m: DSPAMap) -> list[str]:
+    fp = m.config["data_fingerprint"]
+    return fp if isinstance(fp, list) else [fp]
+
+
+def merge_maps(maps: Sequence[DSPAMap], allow_overlap: bool = False) -> DSPAMap:
+    """Count-weighted merge (exact: sums add). All maps must share model, SAEs and options, and be
+    fitted on different data (the same data merged twice would count its triples twice) unless
+    `allow_overlap`. Only identical data sets are detected (by fingerprint), not partly overlapping ones."""
     if not maps:
         raise ValueError("nothing to merge")
-    keys = ("model", "l_in", "l_out", "sae_in", "sae_out", "stat", "options")
+    keys = ("model", "model_fingerprint", "l_in", "l_out", "sae_in", "sae_out", "stat", "options")
     first = maps[0]
     for other in maps[1:]:
         for key in keys:
             if json.dumps(other.config.get(key), sort_keys=True) != json.dumps(first.config.get(key), sort_keys=True):
                 raise ValueError(f"cannot merge DSPA maps: they differ in {key!r}")
+    if not allow_overlap:
+        seen: dict[str, int] = {}
+        for i, m in enumerate(maps, 1):
+            for fp in _data_fingerprints(m):
+                if fp in seen:
+                    raise ValueError(f"cannot merge DSPA maps: maps {seen[fp]} and {i} were fitted on the same data "
+                                     f"(data fingerprint {fp}), which would count its triples twice; "
+                                     "pass --allow-overlap (allow_overlap=True) to merge anyway")
+            seen.update(dict.fromkeys(_data_fingerprints(m), i))
     a_sum = SparseSum(first.a_sum.m_in, first.a_sum.m_out)
     for m in maps:
         a_sum += m.a_sum
-    config = {**first.config, "data_fingerprint": [m.config["data_fingerprint"] for m in maps],
+    config = {**first.config, "data_fingerprint": [fp for m in maps for fp in _data_fingerprints(m)],
               "merged_from": len(maps)}
     repe = None if any(m.repe_sum is None for m in maps) else sum(m.repe_sum.double() for m in maps)
     return DSPAMap(a_sum, sum(m.g_sum.double() for m in maps), sum(m.count for m in maps), config, repe)
@@ -244,11 +290,21 @@ def encode_masked(sae: SAE, hidden: torch.Tensor, mask: torch.Tensor) -> torch.T
 
 @dataclass
 class FitOptions:
-    stat: Literal["density", "mean"] = "density"
-    exclude_sinks: bool = True  # drop first/sink tokens from g and rho, as everywhere else (activations.keep_mask)
-    sink_factor: float = DEFAULT_SINK_FACTOR
-    batch_size: int = 8
-    max_length: int = 1024
+    """How a map is fitted. All of it changes the numbers, so all of it is part of a fit's identity: a
+    checkpoint or finished map made with other options is never resumed or reused."""
+
+    stat: Literal["density", "mean"] = field(default="density", metadata={
+        "help": "Prompt statistic g(x): density of active input latents (paper) or their mean activation."})
+    exclude_sinks: bool = field(default=True, metadata={
+        "help": "Drop first/sink tokens from g and rho, as everywhere else (activations.keep_mask)."})
+    sink_factor: float = field(default=DEFAULT_SINK_FACTOR, metadata={
+        "help": "A token is a sink when its residual norm exceeds this multiple of the batch median.", "gt": 0})
+    batch_size: int = field(default=8, metadata={"help": "Triples per forward batch.", "ge": 1})
+    max_length: int = field(default=1024, metadata={
+        "help": "Tokens per [prompt; response] (prompt end and response start kept).", "ge": 2})
+
+    def __post_init__(self) -> None:
+        check_config(self)
 
 
 @torch.no_grad()
@@ -285,42 +341,91 @@ def new_map(model, sae_in: SAE, sae_out: SAE, options: FitOptions, data_fingerpr
     if sae_in.layer >= sae_out.layer:
         raise ValueError(f"DSPA needs l_in < l_out (got input SAE at layer {sae_in.layer}, output SAE at {sae_out.layer})")
     config = {"kind": "dspa_map", "format_version": FORMAT_VERSION, "saealign_version": __version__,
-              "model": model_id(model), "l_in": sae_in.layer, "l_out": sae_out.layer,
-              "sae_in": sae_in.describe(), "sae_out": sae_out.describe(), "m_in": sae_in.d_sae, "m_out": sae_out.d_sae,
+              "model": model_id(model), "model_fingerprint": model_fingerprint(model),
+              "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "l_in": sae_in.layer,
+              "l_out": sae_out.layer, "sae_in": sae_in.describe(), "sae_out": sae_out.describe(),
+              "m_in": sae_in.d_sae, "m_out": sae_out.d_sae, "d_model": sae_out.d_in,
               "stat": options.stat, "options": dataclasses.asdict(options), "data_fingerprint": data_fingerprint,
               "seed": seed, "threshold": 0.0}
     return DSPAMap(SparseSum(sae_in.d_sae, sae_out.d_sae), torch.zeros(sae_in.d_sae, dtype=torch.float64), 0, config,
                    torch.zeros(sae_out.d_in, dtype=torch.float64))
 
 
+def _settings(config: dict[str, Any], model_key: str) -> dict[str, Any]:
+    """What a fit's numbers depend on, by name."""
+    return {model_key: config.get(model_key), "model_dtype": config.get("model_dtype"),
+            "sae_in": config["sae_in"]["fingerprint"], "sae_out": config["sae_out"]["fingerprint"],
+            "data_fingerprint": config["data_fingerprint"], **config["options"]}
+
+
+def _refuse_other_settings(saved: dict[str, Any], wanted: dict[str, Any], where: Path) -> None:
+    """Refuse to resume or reuse a fit made with other settings, naming each difference. Fits saved
+    before weights fingerprints (or other settings) were recorded are compared on what they record."""
+    model_key = "model_fingerprint" if "model_fingerprint" in saved else "model"
+    have, want = _settings(saved, model_key), _settings(wanted, model_key)
+    diffs = [f"{k} {have[k]!r} there, {v!r} now" for k, v in want.items() if have.get(k) not in (None, v)]
+    if diffs:
+        raise ValueError(f"{where}: holds a fit with other settings ({'; '.join(diffs)}); "
+                         "pass --overwrite (overwrite=True) to start afresh, or use another output directory")
+
+
+def _save_whole(dspa_map: DSPAMap, path: Path) -> None:
+    """Save into a directory of its own in one atomic step (tensors and config appear together),
+    replacing an older one."""
+    shutil.rmtree(path, ignore_errors=True)
+    with atomic_dir(path) as tmp:
+        dspa_map.save(tmp)
+
+
+def _clear_fit(out: Path) -> None:
+    """Remove what an earlier fit left in `out` (checkpoints, snapshots, the map) for `overwrite`."""
+    for old in [out / "partial", *out.glob("snapshot_*")]:
+        shutil.rmtree(old, ignore_errors=True)
+    for name in (MAP_TENSORS, CONFIG):
+        (out / name).unlink(missing_ok=True)
+
+
 def fit_map(model, tokenizer, sae_in: SAE, sae_out: SAE, triples, options: FitOptions | None = None,
             checkpoint_dir: str | Path | None = None, checkpoint_every: int = 256, snapshots: Sequence[int] = (),
-            seed: int | None = None, progress: bool = True) -> DSPAMap:
+            seed: int | None = None, progress: bool = True, overwrite: bool = False) -> DSPAMap:
     """Fit the map on `triples` (in the given order).
 
-    With `checkpoint_dir`, partial sums are saved every `checkpoint_every` triples and a rerun
-    resumes after the last saved one. `snapshots` (e.g. [1000]) also saves the map over the first
-    n triples to `checkpoint_dir/snapshot_{n}` — nested restrictions from one pass.
+    With `checkpoint_dir`, partial sums are saved every `checkpoint_every` triples (each checkpoint
+    one atomic directory under `partial/`) and a rerun resumes after the last saved one; the finished
+    map is saved to `checkpoint_dir` and the checkpoints removed, and a rerun into it returns it. A
+    checkpoint or finished map from other settings (model weights and dtype, SAEs, data, options) is
+    refused unless `overwrite`, which starts afresh. `snapshots` (e.g. [1000]) also saves the map over
+    the first n triples to `checkpoint_dir/snapshot_{n}` — nested restrictions from one pass.
     """
     from saealign.data import collate_pairs, render_triples, triples_fingerprint
 
+    if not triples:
+        raise ValueError("no preference triples to fit a DSPA map on")
     options = options or FitOptions()
+    sae_in.check_model(model)
+    sae_out.check_model(model)
     sae_in, sae_out = sae_in.to(next(model.parameters()).device), sae_out.to(next(model.parameters()).device)
-    fingerprint = triples_fingerprint(triples)
-    state_dir = Path(checkpoint_dir) / "partial" if checkpoint_dir else None
-    dspa_map = new_map(model, sae_in, sae_out, options, fingerprint, seed)
-    if state_dir is not None and (state_dir / CONFIG).exists():
-        saved = DSPAMap.load(state_dir)
-        if saved.config["data_fingerprint"] != fingerprint:
-            raise ValueError(f"{state_dir}: partial map is for other data; remove it or use another directory")
-        saved.check_compatible(model, sae_in, sae_out)
+    dspa_map = new_map(model, sae_in, sae_out, options, triples_fingerprint(triples), seed)
+    out = Path(checkpoint_dir) if checkpoint_dir else None
+    state_dir = out / "partial" if out else None
+    if out is not None and overwrite:
+        _clear_fit(out)
+    last = max((p for p in state_dir.glob("[0-9]*") if p.is_dir()), default=None) if state_dir else None  # zero-padded
+    if last is not None:
+        saved = DSPAMap.load(last)
+        _refuse_other_settings(saved.config, dspa_map.config, state_dir)
         dspa_map = saved
         log.info("resuming DSPA fit after %d triples", saved.count)
-    start = dspa_map.count
+    elif out is not None and (out / CONFIG).exists():
+        saved = DSPAMap.load(out)
+        _refuse_other_settings(saved.config, dspa_map.config, out)
+        log.info("%s already holds this fit; returning it", out)
+        return saved
+    start, seconds_before = dspa_map.count, dspa_map.config.get("fit_seconds", 0.0)
     # Segment ends: checkpoints, snapshots and the end. Order is kept across segments (so a count or
     # snapshot means "the first n triples"); inside a segment triples are length-sorted into batches.
     ends = sorted({*range(start + checkpoint_every, len(triples), checkpoint_every),
-                   *(n for n in snapshots if start < n < len(triples)), len(triples)})
+                   *(n for n in snapshots if start < n < len(triples)), len(triples)} - {start})
     bar = tqdm(total=len(triples), initial=start, desc="DSPA fit", unit="triple", disable=not progress)
     t0 = time.time()
     for end in ends:
@@ -335,11 +440,18 @@ def fit_map(model, tokenizer, sae_in: SAE, sae_out: SAE, triples, options: FitOp
             dspa_map.repe_sum += h_diff.sum(0).double().cpu()
             dspa_map.count += len(items)
             bar.update(len(items))
-        if end in snapshots and checkpoint_dir:
+        dspa_map.config["fit_seconds"] = round(seconds_before + time.time() - t0, 2)  # all segments of a resumed fit
+        if end in snapshots and out is not None:
             snap = dataclasses.replace(dspa_map, config={**dspa_map.config, "data_fingerprint": triples_fingerprint(triples[:end])})
-            snap.save(Path(checkpoint_dir) / f"snapshot_{end}")
-        if state_dir is not None:
-            dspa_map.save(state_dir)
+            _save_whole(snap, out / f"snapshot_{end}")
+        if state_dir is not None and end < len(triples):
+            checkpoint = state_dir / f"{end:012d}"
+            _save_whole(dspa_map, checkpoint)
+            for older in state_dir.glob("[0-9]*"):
+                if older != checkpoint:
+                    shutil.rmtree(older)
     bar.close()
-    dspa_map.config["fit_seconds"] = round(time.time() - t0, 2)
+    if out is not None:
+        dspa_map.save(out)
+        shutil.rmtree(state_dir, ignore_errors=True)
     return dspa_map

@@ -13,17 +13,18 @@ selected active latent is left bit-for-bit unchanged.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from saealign.activations import keep_mask
-from saealign.config import check_config
+from saealign.config import ConfigError, check_config
 from saealign.dspa.map import DSPAMap, first_real_position, prompt_statistic
 from saealign.hooks import CallContext, HookSession, PositionSpec
 from saealign.sae.core import SAE, load_sae
+from saealign.steering import RowSteering
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,11 @@ def select_latents(scores: torch.Tensor, k_diff: int, mode: Mode) -> tuple[torch
     return minus, plus
 
 
-def edit_latents(f: torch.Tensor, minus: torch.Tensor, plus: torch.Tensor, alpha: float) -> torch.Tensor:
-    """f' from f (n, m) and per-row selected sets (n, m): only active selected latents change."""
-    m_t = f.max(dim=-1, keepdim=True).values
+def edit_latents(f: torch.Tensor, minus: torch.Tensor, plus: torch.Tensor, alpha: float,
+                 peak: torch.Tensor | None = None) -> torch.Tensor:
+    """f' from f (n, m) and per-row selected sets (n, m): only active selected latents change. `peak`: the
+    token's largest activation m, when `f` holds only some of its latents."""
+    m_t = f.max(dim=-1, keepdim=True).values if peak is None else peak
     active = f > 0
     new = f.clone()
     dec = minus & active
@@ -81,6 +84,55 @@ class EditRecord:
     after: list[float]
 
 
+def steer_hidden(sae: SAE, hidden: torch.Tensor, edit: torch.Tensor, minus: torch.Tensor, plus: torch.Tensor,
+                 alpha: torch.Tensor | float, latents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The edit at l_out for a (batch, seq, d) residual with per-row sets (batch, m) and alpha (scalar or (batch, 1)),
+    at the positions `edit` (batch, seq) marks. Returns (new residual, (batch, seq) bool: tokens changed).
+    `latents`: the only latents any row selects (then `minus`/`plus` are given over them), so that the
+    decode reads those rows of W_dec only — most of a small batch's steering cost otherwise.
+
+    Fixed shapes and no host synchronisation (masks, never nonzero or early returns), so a decode step stays
+    cheap and can be captured by CUDA graphs / torch.compile. A token with no selected active latent keeps its
+    exact bits: it is taken from `hidden` by `torch.where`, not recomputed."""
+    f = sae.encode(hidden.float())
+    peak = f.max(dim=-1, keepdim=True).values
+    w_dec = sae.W_dec
+    if latents is not None:
+        f, w_dec = f[..., latents], w_dec[latents]
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.unsqueeze(1)  # (batch, 1, 1) against (batch, seq, m)
+    f_new = edit_latents(f, minus.unsqueeze(1), plus.unsqueeze(1), alpha, peak)
+    diff = (f_new - f) * edit.unsqueeze(-1)
+    changed = diff.ne(0).any(-1)
+    edited = (hidden.float() + diff @ w_dec).to(hidden.dtype)
+    return torch.where(changed.unsqueeze(-1), edited, hidden), changed
+
+
+ROW_SETTINGS = ("alpha", "k_prompt", "k_diff", "mode")  # what one request may change (the map's threshold: no)
+
+
+class LatentRowEdit:
+    """`steer_hidden` over a shared batch at one output SAE's layer; each row carries its own S-, S+ and alpha
+    (a base row: empty sets, alpha 0)."""
+
+    def __init__(self, sae_out: SAE):
+        self.sae, self.layer, self.key = sae_out, sae_out.layer, ("latent-edit", id(sae_out))
+
+    def empty(self, rows: int, device: torch.device) -> dict[str, torch.Tensor]:
+        sets = torch.zeros(rows, self.sae.d_sae, dtype=torch.bool, device=device)
+        return {"minus": sets, "plus": sets.clone(), "alpha": torch.zeros(rows, 1, device=device)}
+
+    def prepare(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Narrow the sets to the latents some row selects (a host sync, once per change of the batch's rows)."""
+        latents = (state["minus"] | state["plus"]).any(0).nonzero().squeeze(1)
+        return {"minus": state["minus"][:, latents], "plus": state["plus"][:, latents], "alpha": state["alpha"],
+                "latents": latents}
+
+    def __call__(self, hidden: torch.Tensor, edit: torch.Tensor, state: dict[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        return steer_hidden(self.sae, hidden, edit, state["minus"], state["plus"], state["alpha"], state["latents"])
+
+
 class LatentSteerer:
     """Shared machinery of DSPA and static-sae: latent sets -> token-active edits at l_out."""
 
@@ -91,38 +143,59 @@ class LatentSteerer:
         self.sae_out = sae_out
         self.cfg = cfg
         self.records: list[EditRecord] = []
-        self.edited_tokens = 0  # token positions changed so far (always counted: proof that steering acted)
+        # token positions changed so far (always counted: proof that steering acted); a device tensor, so
+        # counting never waits for the device
+        self._edited = torch.zeros((), dtype=torch.long, device=sae_out.W_dec.device)
         self._sets: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def edited_tokens(self) -> int:
+        return int(self._edited)
 
     def latent_sets(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The (S-, S+) masks of the current prompt batch (None before a prefill)."""
         return self._sets
 
+    def row_sets(self, cfg: SteerConfig, hidden_in: torch.Tensor, ctx: CallContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S-, S+) for the prompts of a prefill call under settings `cfg` (a request's own alpha/k/mode), so
+        rows of one shared batch can each carry their own sets; `hidden_in` is the residual at `in_layer`."""
+        raise NotImplementedError
+
+    @property
+    def in_layer(self) -> int | None:
+        """The layer whose prefill residual `row_sets` reads (None: the sets do not depend on the prompt)."""
+        return None
+
+    def row_steering(self, **settings: Any) -> RowSteering:
+        """This method with one request's settings (`ROW_SETTINGS`), as rows of a shared batch."""
+        unknown = sorted(set(settings) - set(ROW_SETTINGS))
+        if unknown:
+            raise ConfigError(unknown[0], f"is not a per-request setting of {self.name!r} (it takes {', '.join(ROW_SETTINGS)})")
+        cfg = replace(self.cfg, **settings)  # validated like any SteerConfig
+
+        def state(hidden_in: torch.Tensor | None, ctx: CallContext) -> dict[str, torch.Tensor]:
+            minus, plus = self.row_sets(cfg, hidden_in, ctx)
+            return {"minus": minus, "plus": plus, "alpha": torch.full((minus.shape[0], 1), cfg.alpha, device=minus.device)}
+
+        return RowSteering(LatentRowEdit(self.sae_out), state, self.in_layer)
+
     def _edit(self, hidden: torch.Tensor, ctx: CallContext) -> torch.Tensor | None:
-        if self._sets is None or not ctx.mask.any():
+        if self._sets is None:
             return None
         minus, plus = self._sets
-        rows, cols = ctx.mask.nonzero(as_tuple=True)
-        sae = self.sae_out
-        x = hidden[rows, cols].float()
-        f = sae.encode(x)
-        f_new = edit_latents(f, minus[rows], plus[rows], self.cfg.alpha)
-        diff = f_new - f
-        changed = diff.ne(0).any(-1)
-        n_changed = int(changed.sum())
-        if n_changed == 0:
-            return None
-        self.edited_tokens += n_changed
-        out = hidden.clone()
-        delta = diff[changed] @ sae.W_dec
-        r, c = rows[changed], cols[changed]
-        out[r, c] = (hidden[r, c].float() + delta).to(hidden.dtype)
-        if self.cfg.record:
-            for i in changed.nonzero().squeeze(1).tolist():
-                idx = diff[i].nonzero().squeeze(1)
-                self.records.append(EditRecord(int(rows[i]), ctx.past_len + int(cols[i]), idx.tolist(),
-                                               f[i, idx].tolist(), f_new[i, idx].tolist()))
+        out, changed = steer_hidden(self.sae_out, hidden, ctx.mask, minus, plus, self.cfg.alpha)
+        self._edited += changed.sum()
+        if self.cfg.record:  # the audit trail needs host-side indices (a sync, only when asked for)
+            self._record(hidden, out, changed, ctx)
         return out
+
+    def _record(self, hidden: torch.Tensor, out: torch.Tensor, changed: torch.Tensor, ctx: CallContext) -> None:
+        minus, plus = self._sets
+        for row, col in changed.nonzero().tolist():
+            f = self.sae_out.encode(hidden[row, col].float())
+            f_new = edit_latents(f, minus[row], plus[row], self.cfg.alpha)
+            idx = (f_new - f).nonzero().squeeze(1)
+            self.records.append(EditRecord(row, ctx.past_len + col, idx.tolist(), f[idx].tolist(), f_new[idx].tolist()))
 
     def _edit_positions(self, positions: PositionSpec) -> PositionSpec:
         if self.cfg.edit_prompt and isinstance(positions, str):
@@ -155,9 +228,9 @@ class DSPA(LatentSteerer):
         dspa_map.check_compatible(model, sae_in, sae_out)
         return cls(dspa_map, sae_in, sae_out, **overrides)
 
-    def scores(self, g: torch.Tensor) -> torch.Tensor:
-        """s = A^T TopK_{k_prompt}(g) for a batch of prompt statistics (batch, m_in)."""
-        vals, idx = g.topk(min(self.cfg.k_prompt, g.shape[-1]), dim=-1)
+    def scores(self, g: torch.Tensor, k_prompt: int | None = None) -> torch.Tensor:
+        """s = A^T TopK_{k_prompt}(g) for a batch of prompt statistics (batch, m_in); k_prompt defaults to the config's."""
+        vals, idx = g.topk(min(k_prompt or self.cfg.k_prompt, g.shape[-1]), dim=-1)
         g_top = torch.zeros_like(g).scatter_(-1, idx, vals)
         return g_top @ self.A.to(g.device)
 
@@ -178,6 +251,13 @@ class DSPA(LatentSteerer):
         if prompt.any():
             u[prompt] = self.sae_in.encode(hidden[prompt].float())
         return prompt_statistic(u, prompt, self.options.get("stat", "density"))
+
+    @property
+    def in_layer(self) -> int:
+        return self.sae_in.layer
+
+    def row_sets(self, cfg: SteerConfig, hidden_in: torch.Tensor, ctx: CallContext) -> tuple[torch.Tensor, torch.Tensor]:
+        return select_latents(self.scores(self.prompt_features(hidden_in, ctx), cfg.k_prompt), cfg.k_diff, cfg.mode)
 
     def use_prompt_features(self, g: torch.Tensor) -> None:
         """Choose the latent sets from given prompt features (a cached prefill, see eval.pref_cache)."""

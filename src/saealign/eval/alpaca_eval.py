@@ -34,14 +34,16 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from saealign.eval import default_name, load_policy, metric, require_file, result_record, select_subset, start_run
 from saealign.eval.generation import Conversation, Sampling, generate_chat
-from saealign.eval.judges import CHAT, LABEL_PROBS, REWARD, Judge
+from saealign.config import ConfigError, check_config
+from saealign.eval.judges import CHAT, LABEL_PROBS, REWARD, Judge, check_judge_config
+from saealign.steering import method_kind
 
 log = logging.getLogger(__name__)
 
@@ -274,30 +276,39 @@ class AlpacaEvalConfig:
         "help": "steering: an artifact directory or a method spec (prompt-prefix[:TEXT], dspa:DIR, ...)"})
     name: str | None = field(default=None, metadata={"help": "generator name (default: model[+intervention])"})
     seeds: list[int] = field(default_factory=lambda: [0])
-    limit: int | None = field(default=None, metadata={"help": "a seeded random subset of this many instructions"})
+    limit: int | None = field(default=None, metadata={"help": "a seeded random subset of this many instructions", "ge": 1})
     subset_seed: int = 0
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_new_tokens: int = 1024
-    batch_size: int = 8
+    temperature: float = field(default=0.7, metadata={"ge": 0})
+    top_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})
+    max_new_tokens: int = field(default=1024, metadata={"ge": 1})
+    batch_size: int = field(default=8, metadata={"ge": 1})
     judge: str = field(default="hf:smollm2-135m-instruct", metadata={
         "help": "openai:MODEL | hf:NAME_OR_PATH | rm:PATH | self (the evaluated weights, unsteered); "
                 "keep one judge across the methods you compare"})
-    judge_mode: str = field(default="auto", metadata={"help": "auto | label_probs | chat | reward"})
+    judge_mode: Literal["auto", "label_probs", "chat", "reward"] = field(default="auto", metadata={
+        "help": "auto: label_probs, else reward, else chat (what the judge supports)"})
     labels: list[str] = field(default_factory=lambda: ["m", "M"],
                               metadata={"help": "identifiers of output_1, output_2 in the template"})
     judge_base_url: str | None = None
     judge_api_key_env: str = "OPENAI_API_KEY"
-    judge_concurrency: int = 4
-    judge_max_retries: int = 4
-    judge_timeout_s: float = 300.0
-    judge_max_tokens: int = field(default=16, metadata={"help": "generation budget in chat mode"})
-    judge_batch_size: int = 4
+    judge_concurrency: int = field(default=4, metadata={"ge": 1})
+    judge_max_retries: int = field(default=4, metadata={"ge": 0})
+    judge_timeout_s: float = field(default=300.0, metadata={"gt": 0})
+    judge_max_tokens: int = field(default=16, metadata={"help": "generation budget in chat mode", "ge": 1})
+    judge_batch_size: int = field(default=4, metadata={"ge": 1})
     judge_cache: Path | None = field(default=None, metadata={"help": "default: OUT_DIR/judge_cache.sqlite"})
     skip_judge: bool = False
     device: str | None = None
     dtype: str | None = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_config(self)
+        if len(self.labels) != 2 or self.labels[0] == self.labels[1]:
+            raise ConfigError("labels", f"must be two different identifiers, got {self.labels}")
+        if self.intervention:
+            method_kind(self.intervention)
+        check_judge_config(self, None if self.judge_mode == "auto" else self.judge_mode)
 
 
 def _outputs_for_seed(path: Path, instructions: list[str]) -> dict[str, str]:

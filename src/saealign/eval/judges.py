@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
+from saealign.config import ConfigError
 from saealign.eval.generation import Conversation, Sampling, generate, next_token_logprobs
 
 log = logging.getLogger(__name__)
@@ -362,6 +363,37 @@ def label_probs_from_response(response: dict[str, Any], labels: Sequence[str]) -
     return None
 
 
+def judge_kind(spec: str, base_url: str | None = None) -> str:
+    """The kind of a judge spec (openai, hf, rm or self); a malformed spec is refused, so a benchmark
+    config can check its judge before any answer is generated."""
+    kind, _, arg = spec.partition(":")
+    if kind == "openai":
+        if not base_url or not arg:
+            raise ValueError("an openai judge needs `openai:MODEL` and --judge-base-url")
+        return kind
+    if (kind in ("hf", "rm") and arg) or spec == "self":
+        return kind
+    raise ValueError(f"unknown judge {spec!r}: expected openai:MODEL, hf:NAME_OR_PATH, rm:PATH or self")
+
+
+def judge_capabilities(spec: str, base_url: str | None = None) -> frozenset[str]:
+    """What the judge a spec names can do, known without building it (so a judge mode it cannot serve
+    is refused before any answer is generated)."""
+    classes = {"openai": OpenAIJudge, "hf": HFJudge, "rm": RewardModelJudge, "self": HFJudge}
+    return classes[judge_kind(spec, base_url)].capabilities
+
+
+def check_judge_config(cfg: Any, needs: str | None) -> None:
+    """Refuse a benchmark config (`eval mt-bench`, `eval alpaca-eval`) whose judge spec is malformed or whose
+    judge cannot do what its `judge_mode` `needs` (a capability; None: any) — before anything is generated."""
+    if cfg.skip_judge:
+        return
+    capabilities = judge_capabilities(cfg.judge, cfg.judge_base_url)  # refuses a malformed spec
+    if needs is not None and needs not in capabilities:
+        raise ConfigError("judge_mode", f"{cfg.judge_mode!r} needs a judge that can do {needs!r}; "
+                                        f"{cfg.judge!r} cannot")
+
+
 def build_judge(spec: str, *, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4,
                 max_retries: int = 4, timeout_s: float = 120.0, cache: JudgmentCache | str | os.PathLike | None = None,
                 device: str | None = None, dtype: str | None = None, batch_size: int = 4,
@@ -376,23 +408,20 @@ def build_judge(spec: str, *, base_url: str | None = None, api_key_env: str = "O
     """
     from saealign.models import model_id
 
-    kind, _, arg = spec.partition(":")
+    kind = judge_kind(spec, base_url)
+    arg = spec.partition(":")[2]
     if kind == "openai":
-        if not base_url or not arg:
-            raise ValueError("an openai judge needs `openai:MODEL` and --judge-base-url")
         return OpenAIJudge(base_url, arg, api_key_env=api_key_env, concurrency=concurrency, max_retries=max_retries,
                            timeout_s=timeout_s, cache=cache)
-    if kind == "hf" and arg:
+    if kind == "hf":
         if policy is not None and model_id(policy[0]) == arg:  # the same weights as the policy: no second copy
             return HFJudge(*policy, batch_size=batch_size, cache=cache)
         return HFJudge.from_pretrained(arg, device=device, dtype=dtype, batch_size=batch_size, cache=cache)
-    if kind == "rm" and arg:
+    if kind == "rm":
         return RewardModelJudge(arg, device=device, dtype=dtype, cache=cache)
-    if spec == "self":
-        if policy is None:
-            raise ValueError("judge `self` needs the evaluated model")
-        return HFJudge(*policy, batch_size=batch_size, cache=cache)
-    raise ValueError(f"unknown judge {spec!r}: expected openai:MODEL, hf:NAME_OR_PATH, rm:PATH or self")
+    if policy is None:
+        raise ValueError("judge `self` needs the evaluated model")
+    return HFJudge(*policy, batch_size=batch_size, cache=cache)
 
 
 def judge_of(cfg: Any, cache: str | os.PathLike, policy: tuple[Any, Any] | None = None) -> Judge:

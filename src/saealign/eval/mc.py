@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from saealign.config import check_config
 from saealign._io import read_json, text_fingerprint, write_json
 from saealign.eval import default_name, load_policy, metric, result_record, select_subset
 from saealign.eval.generation import left_pad, max_positions, model_device
@@ -577,11 +578,11 @@ class MCConfig:
         "help": "folder laid out like shared/data (mmlu/, arc/, ...); without it, the HF datasets lm-eval uses"})
     sources: dict[str, str] = field(default_factory=dict, metadata={
         "help": 'per-task data, JSON {"task": "path" or "hf:dataset[:config[:split]]"}; overrides --data-dir'})
-    limit: int | None = field(default=None, metadata={"help": "items per task (default: all)"})
+    limit: int | None = field(default=None, metadata={"help": "items per task (default: all)", "ge": 1})
     subset: Subset = field(default="stratified", metadata={
         "help": "with --limit: 'stratified' (seeded, proportional per MMLU subject / HellaSwag activity) or 'first'"})
     subset_seed: int = 0
-    batch_size: int = field(default=32, metadata={"help": "continuations per forward pass"})
+    batch_size: int = field(default=32, metadata={"help": "continuations per forward pass", "ge": 1})
     steer_positions: SteerPositions = field(default="generated", metadata={
         "help": "'generated': answer tokens are steered as generated tokens (the first one is predicted by the "
                 "unsteered prompt); 'scored': the last context token is steered too"})
@@ -592,6 +593,7 @@ class MCConfig:
     dtype: str | None = None
 
     def __post_init__(self) -> None:
+        check_config(self)
         for task in self.tasks:
             get_task(task)
         unknown = set(self.sources) - set(TASKS)

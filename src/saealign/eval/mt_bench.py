@@ -24,14 +24,16 @@ import uuid
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from tqdm.auto import tqdm
 
 from saealign.eval import (default_name, load_policy, metric, require_file, result_record, safe_name, select_subset,
                            start_run)
 from saealign.eval.generation import Sampling, generate_chat
-from saealign.eval.judges import CHAT, CONTINUATIONS, Judge
+from saealign.config import check_config
+from saealign.eval.judges import CHAT, CONTINUATIONS, Judge, check_judge_config
+from saealign.steering import method_kind
 
 log = logging.getLogger(__name__)
 
@@ -322,25 +324,27 @@ class MTBenchConfig:
     seeds: list[int] = field(default_factory=lambda: [0],
                              metadata={"help": "generation seeds (one answer choice each)"})
     categories: list[str] = field(default_factory=list, metadata={"help": "restrict to these categories"})
-    limit: int | None = field(default=None, metadata={"help": "a seeded random subset of this many questions"})
+    limit: int | None = field(default=None, metadata={"help": "a seeded random subset of this many questions", "ge": 1})
     subset_seed: int = 0
-    temperature: float | None = field(default=None, metadata={"help": "override FastChat's per-category temperatures"})
-    max_new_tokens: int = 1024
-    batch_size: int = 8
+    temperature: float | None = field(default=None, metadata={"help": "override FastChat's per-category temperatures",
+                                                              "ge": 0})
+    max_new_tokens: int = field(default=1024, metadata={"ge": 1})
+    batch_size: int = field(default=8, metadata={"ge": 1})
     judge: str = field(default="hf:smollm2-135m-instruct", metadata={
         "help": "openai:MODEL | hf:NAME_OR_PATH | self (the evaluated weights, unsteered); "
                 "keep one judge across the methods you compare"})
     judge_base_url: str | None = field(default=None,
                                        metadata={"help": "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"})
     judge_api_key_env: str = "OPENAI_API_KEY"
-    judge_concurrency: int = 4
-    judge_max_retries: int = 4
-    judge_timeout_s: float = 300.0
-    judge_max_tokens: int = field(default=2048, metadata={"help": "FastChat uses 2048; local CPU judges want less"})
-    judge_mode: str = field(default="generate", metadata={
+    judge_concurrency: int = field(default=4, metadata={"ge": 1})
+    judge_max_retries: int = field(default=4, metadata={"ge": 0})
+    judge_timeout_s: float = field(default=300.0, metadata={"gt": 0})
+    judge_max_tokens: int = field(default=2048, metadata={"help": "FastChat uses 2048; local CPU judges want less",
+                                                          "ge": 1})
+    judge_mode: Literal["generate", "likelihood"] = field(default="generate", metadata={
         "help": "generate: FastChat's judgment text, parsed for [[rating]]; likelihood: the most likely of the "
                 "ratings 1..10 after 'Rating: [[' (local judges; never missing)"})
-    judge_batch_size: int = 4
+    judge_batch_size: int = field(default=4, metadata={"ge": 1})
     judge_prompts: Path | None = field(default=None,
                                        metadata={"help": "default: DATA_DIR/judge_prompts.jsonl or DATA_DIR/../"})
     reference_answers: Path | None = field(default=None,
@@ -350,6 +354,12 @@ class MTBenchConfig:
     device: str | None = None
     dtype: str | None = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_config(self)
+        if self.intervention:
+            method_kind(self.intervention)
+        check_judge_config(self, CONTINUATIONS if self.judge_mode == "likelihood" else CHAT)
 
     def paths(self) -> dict[str, Path]:
         if self.data_dir is None or self.out_dir is None:

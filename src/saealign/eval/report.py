@@ -53,11 +53,14 @@ SAE_HEADLINE = ("fvu", "l0", "dead_fraction", "loss_increase")
 def as_records(data: Any) -> list[dict[str, Any]]:
     """The result records in one parsed file, whichever saealign command wrote it: a `result_record`
     (MT-Bench, AlpacaEval, multiple choice, FPO comparison) as it is; an `eval pref` file as one record
-    per method (benchmark `pref:ROLE`); an `sae eval` report as one record (benchmark `sae-eval`)."""
+    per method (benchmark `pref:ROLE`); an `sae eval` report as one record (benchmark `sae-eval`); a file of `records`
+    (`eval attributes`: one `result_record` per method) as those records."""
     if not isinstance(data, dict):
         return []
     if {"benchmark", "method", "metrics"} <= data.keys():
         return [data]
+    if isinstance(data.get("records"), list):  # several methods in one file (`eval attributes`)
+        return [r for r in data["records"] if isinstance(r, dict) and {"benchmark", "method", "metrics"} <= r.keys()]
     if {"triples", "methods"} <= data.keys() and isinstance(data["methods"], dict):
         cfg = data.get("config") or {}
         benchmark = f"pref:{(data.get('data') or {}).get('role') or cfg.get('data_role') or 'triples'}"

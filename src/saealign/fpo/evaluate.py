@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saealign._io import write_json
+from saealign.config import check_config
 from saealign.data import RenderedTriple
 from saealign.eval import metric
 from saealign.fpo import losses as L
@@ -124,17 +125,20 @@ class CompareConfig:
     data_role: str | None = field(default=None, metadata={"help": "HH-RLHF role of SPLITS.md, e.g. test_helpful or validation"})
     data_split_seed: int = 0
     max_pairs: int | None = field(default=None, metadata={
-        "help": "a seeded draw of this many pairs, stratified by subset: the same draw as `eval pref --n`"})
+        "help": "a seeded draw of this many pairs, stratified by subset: the same draw as `eval pref --n`", "ge": 1})
     seed: int = 0
     sae: str | None = field(default="default:out", metadata={"help": "SAE for the feature MSE ('' for none)"})
-    fpo_topk: int = 50
-    max_length: int = 512
-    max_prompt_length: int = 256
+    fpo_topk: int = field(default=50, metadata={"help": "latents kept per token in the feature MSE", "ge": 1})
+    max_length: int = field(default=512, metadata={"help": "tokens per prompt + response", "ge": 2})
+    max_prompt_length: int = field(default=256, metadata={"help": "tokens kept of the prompt", "ge": 1})
     system_prompt: str | None = None
-    batch_size: int = 2
+    batch_size: int = field(default=2, metadata={"help": "pairs per forward pass", "ge": 1})
     device: str | None = None
     output: str | None = field(default=None, metadata={"help": "write the result JSON here"})
     show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_config(self)
 
 
 def run_comparison(cfg: CompareConfig) -> dict[str, Any]:
@@ -147,10 +151,10 @@ def run_comparison(cfg: CompareConfig) -> dict[str, Any]:
 
     if cfg.model is None:
         raise ValueError("pass --model (the trained model)")
+    triples = sample_pairs(select_triples(cfg.data, cfg.data_role, split_seed=cfg.data_split_seed), cfg.max_pairs,
+                           cfg.seed)  # bad data: refused before the models load
     policy, tokenizer = load_model(cfg.model, device=cfg.device, dtype="float32")
     reference, _ = load_model(cfg.reference, device=cfg.device, dtype="float32")
-    triples = sample_pairs(select_triples(cfg.data, cfg.data_role, split_seed=cfg.data_split_seed), cfg.max_pairs,
-                           cfg.seed)
     pairs = render_triples(tokenizer, triples, cfg.system_prompt, cfg.max_length, cfg.max_prompt_length)
     sae = None
     if cfg.sae:

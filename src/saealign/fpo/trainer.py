@@ -25,12 +25,13 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from saealign._io import atomic_path, read_json, save_tensors, write_json
+from saealign.config import check_config
 from saealign.fpo import losses as L
 from saealign.data import RenderedTriple
 from saealign.fpo.batching import DataOrder, collate, pairs_fingerprint
@@ -44,15 +45,19 @@ CHECKPOINT_PREFIX = "checkpoint-"
 METRICS_FILE = "metrics.jsonl"
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+def _help(text: str, **bounds: float) -> dict[str, Any]:
+    """Field metadata: the flag's help text and the bounds `check_config` enforces (ge=, gt=, le=, lt=)."""
+    return {"help": text, **bounds}
+
+
+Loss = Literal[L.LOSSES]
 
 
 @dataclass
 class TrainConfig:
     """Preference training; field names follow TRL's `DPOConfig` where they overlap."""
 
-    loss: str = field(default="fpo", metadata=_help("fpo | dpo | simpo | tdpo1 | tdpo2"))
+    loss: Loss = field(default="fpo", metadata=_help("preference loss"))
     model: str = field(default=DEFAULT_MODEL, metadata=_help("model alias, local directory or hub id"))
     data: str | None = field(default=None, metadata=_help(
         "preference data: a file or HF dataset saealign.data reads, or the shared data root with --data-role"))
@@ -61,54 +66,46 @@ class TrainConfig:
     data_split_seed: int = field(default=0, metadata=_help("seed of the HH-RLHF fit/validation split"))
     sae: str | None = field(default=None, metadata=_help("SAE for FPO (path or spec); default: the shipped late-layer SAE"))
     output_dir: str = field(default="runs/fpo", metadata=_help("where the model, checkpoints and metrics.jsonl go"))
-    max_pairs: int | None = field(default=None, metadata=_help("train on a seeded draw of this many pairs (saealign.data.restrict)"))
-    beta: float | None = field(default=None, metadata=_help("default per loss: 0.1 (fpo, dpo, tdpo), 2.0 (simpo)"))
+    max_pairs: int | None = field(default=None, metadata=_help("train on a seeded draw of this many pairs (saealign.data.restrict)", ge=1))
+    beta: float | None = field(default=None, metadata=_help("default per loss: 0.1 (fpo, dpo, tdpo), 2.0 (simpo)", gt=0))
     simpo_gamma: float = field(default=0.5, metadata=_help("SimPO target margin"))
-    fpo_alpha: float = field(default=0.5, metadata=_help("FPO weight of the feature-MSE term"))
-    fpo_topk: int = field(default=50, metadata=_help("FPO k of the top-k latent set"))
+    fpo_alpha: float = field(default=0.5, metadata=_help("FPO weight of the feature-MSE term", ge=0))
+    fpo_topk: int = field(default=50, metadata=_help("FPO k of the top-k latent set", ge=1))
     fpo_topk_union: bool = field(default=True, metadata=_help("FPO: unite policy and reference top-k (else policy only)"))
-    tdpo_alpha: float = field(default=0.5, metadata=_help("TDPO-2 weight of the sequential-KL term"))
-    reference: str = field(default="auto", metadata=_help(
+    tdpo_alpha: float = field(default=0.5, metadata=_help("TDPO-2 weight of the sequential-KL term", ge=0))
+    reference: Literal["auto", "cache", "model"] = field(default="auto", metadata=_help(
         "auto | cache | model: where reference values come from; auto = cache for fpo, a live model for dpo/tdpo"))
     ref_cache: str | None = field(default=None, metadata=_help("reference cache directory (default: keyed in the saealign cache)"))
-    learning_rate: float = 1e-6
+    learning_rate: float = field(default=1e-6, metadata=_help("peak learning rate", gt=0))
     lr_scheduler_type: str = field(default="linear", metadata=_help("any transformers scheduler name"))
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    per_device_train_batch_size: int = 2
-    gradient_accumulation_steps: int = 4
-    num_train_epochs: int = 1
+    warmup_ratio: float = field(default=0.1, metadata=_help("fraction of the steps spent warming up", ge=0, le=1))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay", ge=0))
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0: no clipping)", ge=0))
+    per_device_train_batch_size: int = field(default=2, metadata=_help("pairs per device and micro-batch", ge=1))
+    gradient_accumulation_steps: int = field(default=4, metadata=_help("micro-batches per optimizer step", ge=1))
+    num_train_epochs: int = field(default=1, metadata=_help("passes over the pairs", ge=1))
     max_steps: int = field(default=-1, metadata=_help("> 0 overrides num_train_epochs"))
-    max_length: int = field(default=512, metadata=_help("cap on prompt + response tokens"))
-    max_prompt_length: int = field(default=256, metadata=_help("prompt tokens kept (from the end) when a pair is too long"))
+    max_length: int = field(default=512, metadata=_help("cap on prompt + response tokens", ge=1))
+    max_prompt_length: int = field(default=256, metadata=_help("prompt tokens kept (from the end) when a pair is too long", ge=1))
     system_prompt: str | None = None
     seed: int = 42
-    logging_steps: int = 1
-    save_steps: int = field(default=0, metadata=_help("checkpoint every K optimizer steps (0: none)"))
+    logging_steps: int = field(default=1, metadata=_help("log every K optimizer steps", ge=1))
+    save_steps: int = field(default=0, metadata=_help("checkpoint every K optimizer steps (0: none)", ge=0))
     resume_from_checkpoint: str | None = field(default=None, metadata=_help("a checkpoint directory, or 'latest' in output_dir"))
-    mixed_precision: str = field(default="auto", metadata=_help("auto | no | bf16 | fp16; auto = bf16 on CUDA when supported"))
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata=_help("auto | no | bf16 | fp16; auto = bf16 on CUDA when supported"))
     use_peft: bool = field(default=False, metadata=_help("train a LoRA adapter (merged into the saved model)"))
-    lora_r: int = 16
-    lora_alpha: int = 32
+    lora_r: int = field(default=16, metadata=_help("LoRA rank", ge=1))
+    lora_alpha: int = field(default=32, metadata=_help("LoRA scaling numerator", ge=1))
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    ref_batch_size: int = field(default=4, metadata=_help("batch size of the reference-cache pass"))
+    ref_batch_size: int = field(default=4, metadata=_help("batch size of the reference-cache pass", ge=1))
     device: str | None = field(default=None, metadata=_help("cpu forces CPU; default: what accelerate picks"))
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.loss not in L.LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(L.LOSSES)}, got {self.loss!r}")
-        if self.reference not in ("auto", "cache", "model"):
-            raise ValueError(f"reference must be auto, cache or model, got {self.reference!r}")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+        check_config(self)
         if self.loss in ("tdpo1", "tdpo2") and self.reference == "cache":
             raise ValueError("TDPO needs the reference's per-token distributions, which the cache does not hold; "
                              "use --reference model (or auto)")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def objective(self) -> Objective:
         return Objective(self.loss, self.beta, self.simpo_gamma, self.fpo_alpha, self.fpo_topk, self.fpo_topk_union,
@@ -156,14 +153,16 @@ def _setup(cfg: TrainConfig, model: Any, tokenizer: Any, pairs: Sequence[Rendere
     # joins the N processes with gloo instead of running N independent single-process trainings.
     accelerator = Accelerator(mixed_precision=mixed, cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     set_seed(cfg.seed)
-    if model is None:
-        from saealign.models import load_model
+    from saealign.models import load_model, load_tokenizer
 
-        model, tokenizer = load_model(cfg.model, device=accelerator.device, dtype="float32")
+    if model is None:
+        tokenizer = load_tokenizer(cfg.model)
     if tokenizer is None:
         raise ValueError("train() needs the tokenizer of the model it is given")
+    pairs = list(pairs) if pairs is not None else _load_pairs(cfg, tokenizer)  # bad data: refused before the model loads
+    if model is None:
+        model, _ = load_model(cfg.model, device=accelerator.device, dtype="float32")
     model.to(accelerator.device)
-    pairs = list(pairs) if pairs is not None else _load_pairs(cfg, tokenizer)
     if cfg.objective().needs_sae:
         if sae is None:
             from saealign.sae import load_sae

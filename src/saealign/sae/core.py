@@ -8,6 +8,7 @@ Formats: SAELens (`cfg.json` + `sae_weights.safetensors`, v5 and v6 configs), Ge
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +17,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from saealign._io import read_json, save_tensors, tensor_fingerprint, write_json
+from saealign._io import check_values, load_tensors, read_json, save_tensors, tensor_fingerprint, write_json
 from saealign.hooks import parse_hook_name
 
 Architecture = Literal["standard", "jumprelu", "topk"]
+
+log = logging.getLogger(__name__)
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_CFG = "cfg.json"
@@ -35,7 +38,8 @@ class SAEConfig:
     apply_b_dec_to_input: bool = True
     dtype: str = "float32"  # storage dtype; computation runs in the dtype of the input
     model_name: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)  # training config, metrics, provenance
+    # training config, metrics, provenance; `model_fingerprint` (models.model_fingerprint) when known
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.architecture not in ("standard", "jumprelu", "topk"):
@@ -96,6 +100,24 @@ class SAE(nn.Module):
         return {"fingerprint": self.fingerprint(), "hook_name": self.hook_name, "d_sae": self.d_sae,
                 "architecture": self.cfg.architecture, "source": self.cfg.metadata.get("source")}
 
+    def check_model(self, model) -> None:
+        """Refuse, before any work, a model this SAE cannot read: another hidden size, or weights other
+        than the ones it records (`metadata.model_fingerprint`; SAEs without one are checked by size only)."""
+        from saealign.models import model_fingerprint, model_id
+
+        source, d_model = self.cfg.metadata.get("source", self.hook_name), model.config.hidden_size
+        if d_model != self.d_in:
+            raise ValueError(f"SAE {source} reads d_in={self.d_in}, but model {model_id(model)!r} has hidden size {d_model}")
+        recorded = self.cfg.metadata.get("model_fingerprint")
+        if recorded is None:
+            if self.cfg.model_name not in (None, model_id(model)):
+                log.warning("SAE %s was trained on %r and records no weights fingerprint; cannot check it fits %r",
+                            source, self.cfg.model_name, model_id(model))
+        elif recorded != model_fingerprint(model):
+            trained_on = repr(self.cfg.model_name) if self.cfg.model_name else "a model"
+            raise ValueError(f"SAE {source} was trained on {trained_on} (weights {recorded}), "
+                             f"got model {model_id(model)!r} (weights {model_fingerprint(model)})")
+
     # -- maths --------------------------------------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.W_enc.dtype)
@@ -121,11 +143,13 @@ class SAE(nn.Module):
 
     # -- persistence --------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write SAELens format (`cfg.json` + `sae_weights.safetensors`), atomically."""
+        """Write SAELens format (`cfg.json` + `sae_weights.safetensors`), atomically; the config records
+        the tensors' shapes and checksums (`metadata.tensors`), which loading verifies."""
         path = Path(path)
         dtype = getattr(torch, self.cfg.dtype)
-        save_tensors(path / SAELENS_WEIGHTS, {k: v.to(dtype) for k, v in self.state_dict().items()})
-        write_json(path / SAELENS_CFG, self.cfg.to_saelens())
+        cfg = self.cfg.to_saelens()
+        cfg["metadata"]["tensors"] = save_tensors(path / SAELENS_WEIGHTS, {k: v.to(dtype) for k, v in self.state_dict().items()})
+        write_json(path / SAELENS_CFG, cfg)
         return path
 
 
@@ -162,7 +186,7 @@ def _saelens_config(raw: dict[str, Any], source: str) -> SAEConfig:
     norm = raw.get("normalize_activations", "none")
     if norm not in (None, "none"):
         raise ValueError(f"{source}: normalize_activations={norm!r} is not supported; fold the scaling into the weights first")
-    for key in ("hook_name", "model_name"):
+    for key in ("hook_name", "model_name", "tensors"):  # the manifest describes the file, not the SAE
         meta.pop(key, None)
     return SAEConfig(d_in=raw["d_in"], d_sae=raw["d_sae"], architecture=arch, hook_name=hook, k=k,
                      apply_b_dec_to_input=raw.get("apply_b_dec_to_input", True), dtype=raw.get("dtype", "float32"),
@@ -170,21 +194,19 @@ def _saelens_config(raw: dict[str, Any], source: str) -> SAEConfig:
 
 
 def _load_saelens_dir(path: Path, device=None) -> SAE:
-    from safetensors.torch import load_file
-
-    cfg = _saelens_config(read_json(path / SAELENS_CFG), str(path / SAELENS_CFG))
-    return _from_state(cfg, load_file(str(path / SAELENS_WEIGHTS)), str(path), device)
+    raw = read_json(path / SAELENS_CFG)
+    cfg = _saelens_config(raw, str(path / SAELENS_CFG))
+    state = load_tensors(path / SAELENS_WEIGHTS, (raw.get("metadata") or {}).get("tensors"))  # checksums when saved by saealign
+    return _from_state(cfg, state, str(path), device)
 
 
 def _load_sparsify_dir(path: Path, device=None, layer: int | None = None) -> SAE:
-    from safetensors.torch import load_file
-
     raw = read_json(path / "cfg.json")
     if raw.get("skip_connection") or raw.get("transcode"):
         raise ValueError(f"{path}: sparsify transcoders / skip connections are not residual SAEs; not supported")
     if raw.get("activation", "topk") != "topk":
         raise ValueError(f"{path}: sparsify activation {raw.get('activation')!r} is not supported (topk only)")
-    state = load_file(str(path / "sae.safetensors"))
+    state = load_tensors(path / "sae.safetensors")
     d_sae, d_in = state["encoder.weight"].shape
     if layer is None:
         match = re.search(r"(\d+)$", path.name)  # sparsify names folders by hookpoint, e.g. layers.10
@@ -203,6 +225,7 @@ def _load_gemma_scope_npz(path: Path, device=None, layer: int | None = None) -> 
 
     params = np.load(path)
     state = {("W_" + k[2:] if k.startswith("w_") else k): torch.from_numpy(params[k]) for k in params.files}
+    check_values(state, path)
     if layer is None:
         match = re.search(r"layer_(\d+)", str(path))
         if match is None:
@@ -230,7 +253,9 @@ def from_saelens(lens_sae: Any, source: str = "sae_lens", device=None) -> SAE:
     raw = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
     if raw.get("metadata") is not None and not isinstance(raw["metadata"], dict):
         raw["metadata"] = dict(vars(raw["metadata"]))
-    return _from_state(_saelens_config(raw, source), dict(lens_sae.state_dict()), source, device)
+    state = dict(lens_sae.state_dict())
+    check_values(state, source)
+    return _from_state(_saelens_config(raw, source), state, source, device)
 
 
 def load_sae(spec: str | Path | tuple[str, str] | SAE, device=None, layer: int | None = None) -> SAE:

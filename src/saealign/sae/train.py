@@ -19,12 +19,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from saealign._io import atomic_path, write_json
+from saealign.config import ConfigError, check_config
 from saealign.corpus import load_texts, sample_texts
 from saealign.activations import DEFAULT_SINK_FACTOR, ActivationCache, tokenize_texts
 from saealign.hooks import hidden_size, hook_name
@@ -35,30 +37,35 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SAETrainConfig:
-    layers: list[int] = field(default_factory=list, metadata={"help": "Residual layers (block outputs) to train an SAE for."})
+    layers: list[int] = field(default_factory=list, metadata={"help": "Residual layers (block outputs) to train an SAE for.", "ge": 0})
     corpus: str = field(default="", metadata={"help": "Text corpus: .jsonl/.json/.txt/.parquet (also .gz), a preference file, or a HF dataset name."})
     output: str = field(default="", metadata={"help": "Output directory; one SAELens-format folder per layer."})
     corpus_role: str | None = field(default=None, metadata={"help": "Data role when --corpus is an HH-RLHF directory (e.g. fit)."})
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "Model alias, local dir or hub id."})
-    d_sae: int = field(default=2048, metadata={"help": "Number of latents."})
-    k: int = field(default=64, metadata={"help": "Active latents per token (TopK)."})
-    lr: float | None = field(default=None, metadata={"help": "Adam learning rate (default: 2e-4 * sqrt(16384 / d_sae))."})
-    batch_size: int = field(default=4096, metadata={"help": "Tokens per step."})
-    epochs: float = field(default=4.0, metadata={"help": "Passes over the extracted activations."})
-    max_length: int = field(default=512, metadata={"help": "Tokens per text (truncated)."})
+    d_sae: int = field(default=2048, metadata={"help": "Number of latents.", "ge": 1})
+    k: int = field(default=64, metadata={"help": "Active latents per token (TopK), at most --d-sae.", "ge": 1})
+    lr: float | None = field(default=None, metadata={"help": "Adam learning rate (default: 2e-4 * sqrt(16384 / d_sae)).", "gt": 0})
+    batch_size: int = field(default=4096, metadata={"help": "Tokens per step.", "ge": 1})
+    epochs: float = field(default=4.0, metadata={"help": "Passes over the extracted activations.", "gt": 0})
+    max_length: int = field(default=512, metadata={"help": "Tokens per text (truncated).", "ge": 1})
     extract_dtype: str | None = field(default=None, metadata={"help": "Model dtype for extraction (default: bf16 on CUDA, fp32 on CPU, where bf16 is emulated and slower)."})
-    max_texts: int | None = field(default=None, metadata={"help": "Use a seeded sample of at most this many texts."})
-    batch_tokens: int = field(default=8192, metadata={"help": "Padded tokens per extraction batch."})
-    sink_factor: float = field(default=DEFAULT_SINK_FACTOR, metadata={"help": "Exclude tokens with norm > factor x median."})
-    auxk_coef: float = field(default=1 / 32, metadata={"help": "Weight of the AuxK dead-latent loss."})
-    dead_after_tokens: int = field(default=500_000, metadata={"help": "A latent silent for this many tokens is dead."})
-    buffer_tokens: int = field(default=262_144, metadata={"help": "Shuffle buffer size (tokens)."})
-    val_fraction: float = field(default=0.02, metadata={"help": "Fraction of tokens held out for the final metrics."})
-    checkpoint_every: int = field(default=200, metadata={"help": "Steps between checkpoints."})
+    max_texts: int | None = field(default=None, metadata={"help": "Use a seeded sample of at most this many texts.", "ge": 1})
+    batch_tokens: int = field(default=8192, metadata={"help": "Padded tokens per extraction batch.", "ge": 1})
+    sink_factor: float = field(default=DEFAULT_SINK_FACTOR, metadata={"help": "Exclude tokens with norm > factor x median.", "gt": 0})
+    auxk_coef: float = field(default=1 / 32, metadata={"help": "Weight of the AuxK dead-latent loss.", "ge": 0})
+    dead_after_tokens: int = field(default=500_000, metadata={"help": "A latent silent for this many tokens is dead.", "ge": 1})
+    buffer_tokens: int = field(default=262_144, metadata={"help": "Shuffle buffer size (tokens).", "ge": 1})
+    val_fraction: float = field(default=0.02, metadata={"help": "Fraction of tokens held out for the final metrics.", "gt": 0, "lt": 1})
+    checkpoint_every: int = field(default=200, metadata={"help": "Steps between checkpoints.", "ge": 1})
     init_from: str | None = field(default=None, metadata={"help": "Fine-tune this SAE (path or default:in/out) instead of a fresh one."})
-    storage_dtype: str = field(default="float16", metadata={"help": "dtype of the saved weights."})
+    storage_dtype: Literal["float16", "bfloat16", "float32"] = field(default="float16", metadata={"help": "dtype of the saved weights."})
     seed: int = 0
     device: str | None = None
+
+    def __post_init__(self) -> None:
+        check_config(self)
+        if self.k > self.d_sae:
+            raise ConfigError("k", f"must be <= --d-sae ({self.d_sae}), got {self.k}")
 
 
 def default_lr(d_sae: int) -> float:
@@ -230,7 +237,7 @@ class _Trainer:
 
 def train_saes(cfg: SAETrainConfig) -> dict[int, Path]:
     """Extract activations once for all `cfg.layers`, then train and save one SAE per layer."""
-    from saealign.models import load_model, resolve_device
+    from saealign.models import load_model, load_tokenizer, model_fingerprint, resolve_device
     from saealign.sae.evaluate import reconstruction_metrics
 
     if not cfg.layers or not cfg.corpus or not cfg.output:
@@ -239,10 +246,12 @@ def train_saes(cfg: SAETrainConfig) -> dict[int, Path]:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.extract_dtype)
+    tokenizer = load_tokenizer(cfg.model)
+    texts = sample_texts(load_texts(cfg.corpus, tokenizer, role=cfg.corpus_role), cfg.max_texts, cfg.seed)
+    model, _ = load_model(cfg.model, device=device, dtype=cfg.extract_dtype)  # after the corpus passed its checks
+    fingerprint = model_fingerprint(model)
     cache = ActivationCache(out / "activations", cfg.layers, hidden_size(model))
     if not cache.meta["complete"]:
-        texts = sample_texts(load_texts(cfg.corpus, tokenizer, role=cfg.corpus_role), cfg.max_texts, cfg.seed)
         sequences = tokenize_texts(tokenizer, texts, cfg.max_length)
         t0 = time.time()
         stats = cache.fill(model, sequences, cfg.batch_tokens, cfg.sink_factor)
@@ -257,7 +266,7 @@ def train_saes(cfg: SAETrainConfig) -> dict[int, Path]:
         trainer = _Trainer(cfg, cache, layer, layer_dir, cfg.model, device)
         sae = trainer.train()
         metrics = reconstruction_metrics(sae, trainer.validation())
-        sae.cfg.metadata.update({"training": {k: v for k, v in dataclasses.asdict(cfg).items()},
+        sae.cfg.metadata.update({"model_fingerprint": fingerprint, "training": {k: v for k, v in dataclasses.asdict(cfg).items()},
                                  "lr_used": trainer.lr, "input_scale": trainer.scale, "steps": trainer.step,
                                  "train_tokens": int(len(trainer.train_idx)), "heldout_activation_metrics": metrics,
                                  "extraction": cache.meta.get("extraction")})

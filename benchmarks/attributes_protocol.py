@@ -1,0 +1,193 @@
+"""The attribute-preference protocol of METHOD.md ("Positive controls"), end to end, with the library commands.
+
+Per attribute (repetition: less; refusal on benign prompts: fewer; refuse_iff_harmful: the conditional one):
+1. best-of-K triples from fit-role prompts (`saealign data best-of-k`), and a shuffled-label copy;
+2. DSPA maps on them (`saealign dspa fit --data FILE`, snapshots for the growth with N), the real one and
+   the shuffled-label negative control;
+3. held-out signal of the maps on best-of-K triples from validation-role prompts (`saealign eval map-signal`);
+4. steering settings chosen on validation-role prompts (`saealign eval attributes` over a small grid):
+   the best paired attribute change whose perplexity stays within PPL_GUARD of base and whose distinct-2
+   stays above DISTINCT_GUARD of base; recorded in the map (`write_recommended`), the control gets the same;
+5. held-out evaluation on test-role prompts for base, dspa, static-sae, repe, prompt-prefix and the
+   shuffled-label map (validation and test prompts exclude every fit prompt's text, `--exclude`); results
+   copied to RESULTS/attributes_<attribute>_results.json (`saealign report RESULTS` finds it), .md and .png,
+   and the map signal to RESULTS/attributes_<attribute>_map_signal.json.
+
+Every step resumes (each command does; the validation choice is kept in OUT/ATTRIBUTE/chosen_on_validation.json),
+so the script can be rerun after an interruption: the tiny run took 5 min, its rerun 2 min with nothing regenerated.
+
+Cost of the full run (FULL), measured 2026-11-26 on the shared 2-core CPU machine with OMP_NUM_THREADS=1, 48 new
+tokens, batch 16: sampling 85 tokens/s, greedy 110-143 tokens/s, DSPA-steered 5 % slower than base. It generates
+about 1.6 M sampled tokens (the conditional attribute's harmful prompts at K=16 are 0.7 M of them) and 0.65 M
+greedy ones: about 7.5 h in one process, about 4.5 h running the conditional attribute beside the other two.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/attributes_protocol.py    # the full run
+    .venv/bin/python benchmarks/attributes_protocol.py --tiny --out runs/attr_tiny --results runs/attr_tiny/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from saealign._io import read_json, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+SAEALIGN = [sys.executable, "-m", "saealign"]
+PPL_GUARD, DISTINCT_GUARD = 1.25, 0.8
+
+# attribute -> (scorer, fit sources, validation sources, test sources, the headline to improve, its direction,
+# best-of-K temperature). Repetition samples cooler: at 0.9 only 3 % of 40-token answers repeat a 3-gram
+# (27 % of greedy ones; benchmarks/refusal_patterns.py's 200 answers), which leaves most prompts tied.
+ATTRIBUTES = {
+    "repetition": ("repetition", ["fit"], ["validation"], ["test_helpful"], "repetition", -1, 0.6),
+    "refusal": ("refusal", ["benign=fit"], ["benign=validation"], ["benign=test_helpful"], "refusal", -1, 0.9),
+    "conditional": ("refuse_iff_harmful", ["harmful=harmless_fit", "benign=fit"],
+                    ["harmful=harmless_validation", "benign=validation"], ["harmful=harmless_test", "benign=test_helpful"],
+                    "balanced_accuracy", +1, 0.9),
+}
+FULL = {"fit_prompts": 1200, "k": 4, "k_harmful": 16, "tokens": 48, "val_triple_prompts": 150, "val_prompts": 100,
+        "test_prompts": 300, "snapshots": [100, 200, 400], "alphas": [0.2, 0.5, 1.0], "modes": ["ablate", "both"],
+        "coefs": [1.0, 4.0, 16.0], "max_length": 256}
+TINY = {"fit_prompts": 16, "k": 3, "k_harmful": 6, "tokens": 12, "val_triple_prompts": 16, "val_prompts": 4,
+        "test_prompts": 8, "snapshots": [4], "alphas": [0.5], "modes": ["ablate"], "coefs": [4.0], "max_length": 64}
+
+
+def run(*args: str) -> None:
+    cmd = [*SAEALIGN, *map(str, args)]
+    print("+ saealign " + " ".join(map(str, args)), flush=True)
+    t = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    print(f"  ({time.time() - t:.0f} s)", flush=True)
+
+
+def sources(flag: str, values: list[str]) -> list[str]:
+    return [a for v in values for a in (flag, v)]
+
+
+
+def best_of_k(out: Path, scorer: str, srcs: list[str], n: int, s: dict, data: str, temperature: float,
+              exclude: list[str] = ()) -> Path:
+    run("data", "best-of-k", "--data", data, *sources("--sources", srcs), *sources("--exclude", exclude),
+        "--scorer", scorer, "--n", n, "--temperature", temperature,
+        "--k", s["k"], "--k-by-kind", f"harmful={s['k_harmful']}", "--max-new-tokens", s["tokens"], "--output", out)
+    return out / "triples.jsonl"
+
+
+def enough_triples(triples: Path, step: str) -> bool:
+    """Whether best-of-K gave the 2 triples a step needs; says so when not (tiny settings often tie everywhere)."""
+    counts = read_json(triples.parent / "provenance.json")["counts"]
+    if counts["triples"] >= 2:
+        return True
+    print(f"{step} skipped: {counts['triples']} triple(s) from {counts['prompts']} prompts (raise the prompts or K)",
+          flush=True)
+    return False
+
+
+def evaluate(out: Path, scorer: str, srcs: list[str], exclude: list[str], n: int, methods: list[str], s: dict, data: str,
+             options: list[str] = ()) -> list[dict]:
+    run("eval", "attributes", "--data", data, *sources("--sources", srcs), *sources("--exclude", exclude),
+        "--scorer", scorer, "--n", n,
+        *sources("--methods", methods), "--max-new-tokens", s["tokens"], *options, "--output", out)
+    return read_json(out / "results.json")["records"]
+
+
+def acceptable(record: dict, base: dict) -> bool:
+    """The fluency guard of a setting: perplexity and distinct-2 close to base."""
+    m, b = record["metrics"], base["metrics"]
+    return (m["perplexity"]["value"] <= PPL_GUARD * b["perplexity"]["value"]
+            and m["distinct_2"]["value"] >= DISTINCT_GUARD * b["distinct_2"]["value"])
+
+
+def choose(work: Path, attribute: str, map_dir: Path, s: dict, data: str) -> dict:
+    """Validation grid for dspa/static-sae (alpha x mode) and repe (coef); base answers are generated once
+    and shared (they take no steering option)."""
+    scorer, fit_sources, val_sources, _, headline, direction, _ = ATTRIBUTES[attribute]
+    latent_methods = [f"dspa=dspa:{map_dir}", f"static=static-sae:{map_dir}"]
+    grid = [(["--alpha", a, "--mode", m], {"alpha": a, "mode": m}, latent_methods) for a in s["alphas"] for m in s["modes"]]
+    grid += [(["--coef", c], {"coef": c}, ["repe=repe:" + str(map_dir)]) for c in s["coefs"]]
+    best: dict[str, tuple[float, dict]] = {}
+    shared_base = work / "validation" / "answers" / "base.jsonl"
+    for i, (options, setting, methods) in enumerate(grid):
+        out = work / "validation" / f"setting_{i}"
+        if shared_base.exists() and not (out / "answers" / "base.jsonl").exists():
+            (out / "answers").mkdir(parents=True, exist_ok=True)
+            shutil.copy(shared_base, out / "answers" / "base.jsonl")
+        records = evaluate(out, scorer, val_sources, fit_sources, s["val_prompts"], ["base", *methods], s, data, options)
+        shared_base.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / "answers" / "base.jsonl", shared_base)
+        base = next(r for r in records if r["method"] == "base")
+        for r in records:
+            if r["method"] == "base" or not acceptable(r, base):
+                continue
+            gain = direction * r["paired_vs_baseline"]["delta"][headline]["value"]
+            if gain > best.get(r["method"], (float("-inf"), {}))[0]:
+                best[r["method"]] = (gain, setting)
+    return {method: setting for method, (_, setting) in best.items()}
+
+
+def recommend(map_dirs: list[Path], chosen: dict) -> None:
+    from saealign.dspa.map import write_recommended
+
+    for map_dir in map_dirs:
+        write_recommended(map_dir, dspa=chosen.get("dspa"), static=chosen.get("static"), repe=chosen.get("repe"),
+                          source="benchmarks/attributes_protocol.py validation grid")
+
+
+def protocol(attribute: str, s: dict, work: Path, results: Path, data: str) -> None:
+    from saealign.best_of_k import write_shuffled_labels
+
+    scorer, fit_sources, val_sources, test_sources, _, _, temperature = ATTRIBUTES[attribute]
+    work = work / attribute
+    triples = best_of_k(work / "triples_fit", scorer, fit_sources, s["fit_prompts"], s, data, temperature)
+    if not enough_triples(triples, f"{attribute}: fitting"):
+        return
+    shuffled = work / "triples_fit_shuffled.jsonl"
+    if not shuffled.exists():
+        write_shuffled_labels(triples, shuffled, seed=0)
+    maps = {"map": triples, "map_shuffled": shuffled}
+    for name, file in maps.items():
+        run("dspa", "fit", "--data", file, "--max-length", s["max_length"], *sources("--snapshots", s["snapshots"]),
+            "--output", work / name)
+    held_out = best_of_k(work / "triples_validation", scorer, val_sources, s["val_triple_prompts"], s, data, temperature,
+                         exclude=fit_sources)
+    if enough_triples(held_out, f"{attribute}: map signal"):
+        run("eval", "map-signal", "--maps", work / "map", "--maps", work / "map_shuffled", "--data", held_out,
+            "--output", results / f"attributes_{attribute}_map_signal.json")
+    chosen_file = work / "chosen_on_validation.json"
+    if not chosen_file.exists():  # recommending changes the maps' configs, so the grid runs once
+        chosen = choose(work, attribute, work / "map", s, data)
+        recommend([work / "map", work / "map_shuffled"], chosen)
+        write_json(chosen_file, chosen)
+    chosen = read_json(chosen_file)
+    kept = sorted({"dspa", "static", "repe"} - set(chosen))
+    print(f"{attribute}: chosen on validation {chosen}"
+          + (f"; no setting of {kept} passed the fluency guard, their defaults are kept" if kept else ""), flush=True)
+    methods = ["base", f"dspa=dspa:{work / 'map'}", f"static-sae=static-sae:{work / 'map'}", f"repe=repe:{work / 'map'}",
+               "prompt-prefix", f"dspa-shuffled-labels=dspa:{work / 'map_shuffled'}"]
+    evaluate(work / "test", scorer, test_sources, fit_sources, s["test_prompts"], methods, s, data)
+    for target, name in (("_results.json", "results.json"), (".md", "results.md"), (".png", "deltas.png")):
+        shutil.copy(work / "test" / name, results / f"attributes_{attribute}{target}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--out", default=str(ROOT / "runs" / "attributes"), help="working directory (triples, maps, answers)")
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--attributes", nargs="+", default=list(ATTRIBUTES), choices=list(ATTRIBUTES))
+    ap.add_argument("--tiny", action="store_true", help="16 prompts, K=3 (6 harmful), 12 tokens: shows the pipeline works")
+    args = ap.parse_args()
+    settings = TINY if args.tiny else FULL
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    for attribute in args.attributes:
+        protocol(attribute, settings, Path(args.out), results, args.data)
+
+
+if __name__ == "__main__":
+    main()

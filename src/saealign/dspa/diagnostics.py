@@ -1,0 +1,203 @@
+"""Does a DSPA map predict held-out preferences? (METHOD.md, "Map diagnostics")
+
+The map accumulates `A = mean_n g(x_n) Δρ_n^T` (dspa/map.py), with `g` the input-SAE prompt
+statistic and `Δρ = ρ(x,y+) - ρ(x,y-)` the difference of output-SAE firing densities over the
+chosen and rejected responses. Steering turns a prompt into scores `s(x) = A^T TopK_{k_prompt}(g(x))`
+and edits the k_diff latents with the most negative (ablate) or positive (augment) scores. So the map's
+claim about a held-out triple is that `s(x)` points the way `Δρ(x,y+,y-)` does on the latents it edits.
+On held-out triples (never the fitting data), with g and Δρ computed exactly as in fitting
+(`map.fit_batch`), this module measures:
+
+- `alignment`: per triple, `Σ_{j in E(x)} s_j(x) Δρ_j` over the edited set E(x) (the k_diff latents of
+  largest |s_j(x)|, the union of S- and S+ of mode "both"), averaged with a bootstrap 95 % interval;
+  `agreement`: the share of triples where it is positive (ties, e.g. Δρ = 0 on E, count one half);
+- `pearson` / `spearman`: correlation of s_j(x) with Δρ_j over all (triple, j in E(x)) pairs;
+- `*_shuffled_prompts`: the same with each triple's Δρ paired with another triple's s (a fixed
+  derangement): the part of the signal that is not prompt-conditional survives it, so
+  `alignment - alignment_shuffled_prompts` is what conditioning on the prompt adds.
+
+`signal` is False when the alignment interval includes 0: the map then has no held-out signal,
+and steering with it cannot be expected to move held-out preferences. Under MIN_HELD_OUT triples a
+bootstrap interval means little, and `signal` is None (undecided).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from saealign.config import check_config
+from saealign.dspa.map import DSPAMap, FitOptions, fit_batch
+
+MIN_HELD_OUT = 20
+
+
+@dataclass
+class HeldOutStatistics:
+    """Per held-out triple: g(x) (n, m_in) and Δρ (n, m_out), as the map's fit computes them."""
+
+    g: torch.Tensor
+    delta: torch.Tensor
+
+
+@torch.no_grad()
+def held_out_statistics(model, tokenizer, sae_in, sae_out, triples, options: FitOptions,
+                        progress: bool = True) -> HeldOutStatistics:
+    from tqdm.auto import tqdm
+
+    from saealign.data import collate_pairs, render_triples
+
+    rendered = render_triples(tokenizer, triples, max_length=options.max_length, progress=False)
+    g = torch.zeros(len(rendered), sae_in.d_sae)
+    delta = torch.zeros(len(rendered), sae_out.d_sae)
+    order = sorted(range(len(rendered)), key=lambda i: rendered[i].length("both"))
+    for b0 in tqdm(range(0, len(order), options.batch_size), desc="held-out g, Δρ", disable=not progress):
+        idx = order[b0:b0 + options.batch_size]
+        items = [rendered[i] for i in idx]
+        g_b, d_b, _ = fit_batch(model, sae_in, sae_out, collate_pairs(items, tokenizer, "chosen", "right"),
+                                collate_pairs(items, tokenizer, "rejected", "right"), options)
+        g[idx], delta[idx] = g_b.cpu().float(), d_b.cpu().float()
+    return HeldOutStatistics(g, delta)
+
+
+def prompt_scores(a: torch.Tensor, g: torch.Tensor, k_prompt: int) -> torch.Tensor:
+    """s = A^T TopK_{k_prompt}(g) per row, as DSPA steers."""
+    vals, idx = g.topk(min(k_prompt, g.shape[-1]), dim=-1)
+    sparse = torch.zeros_like(g).scatter_(-1, idx, vals)
+    return sparse @ a
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, ranks)
+    return (sums / counts)[inverse]  # ties share their mean rank
+
+
+def correlations(x: np.ndarray, y: np.ndarray) -> dict[str, float | None]:
+    """Pearson and Spearman (Pearson of mid-ranks); None when either side is constant."""
+    def pearson(u: np.ndarray, v: np.ndarray) -> float | None:
+        if len(u) < 2 or u.std() == 0 or v.std() == 0:
+            return None
+        return float(np.corrcoef(u, v)[0, 1])
+
+    return {"pearson": pearson(x, y), "spearman": pearson(_rank(x), _rank(y))}
+
+
+def _derangement(n: int, seed: int) -> np.ndarray:
+    """A seeded permutation with no fixed point (a cyclic shift of a shuffled order)."""
+    order = np.random.default_rng(seed).permutation(n)
+    out = np.empty(n, dtype=int)
+    out[order] = np.roll(order, 1)
+    return out
+
+
+def signal_metrics(scores: torch.Tensor, delta: torch.Tensor, k_diff: int, n_boot: int = 2000,
+                   seed: int = 0) -> dict[str, Any]:
+    """Alignment, agreement and correlations of scores s (n, m_out) with realised Δρ (n, m_out) on the edited sets."""
+    from saealign.eval.pref import _se, bootstrap_ci
+
+    edited = scores.abs().topk(min(k_diff, scores.shape[-1]), dim=-1).indices
+    s_e, d_e = scores.gather(-1, edited).double().numpy(), delta.gather(-1, edited).double().numpy()
+    alignment = (s_e * d_e).sum(-1)
+    hits = np.where(alignment == 0, 0.5, (alignment > 0).astype(float))
+    out: dict[str, Any] = {}
+    for name, values in (("alignment", alignment), ("agreement", hits)):
+        lo, hi = bootstrap_ci(values, n_boot, seed)
+        out[name] = {"value": float(values.mean()), "ci95": [lo, hi], "se": _se(values)}
+    out.update(correlations(s_e.ravel(), d_e.ravel()))
+    out["signal"] = bool(out["alignment"]["ci95"][0] > 0) if len(alignment) >= MIN_HELD_OUT else None
+    return out
+
+
+def map_signal(dspa_map: DSPAMap | Sequence[DSPAMap], stats: HeldOutStatistics, k_prompt: int = 32, k_diff: int = 16,
+               threshold: float | None = None, n_boot: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """Held-out signal of each map (e.g. snapshots at growing N), with the shuffled-prompt control."""
+    maps = [dspa_map] if isinstance(dspa_map, DSPAMap) else list(dspa_map)
+    if len(stats.g) < 2:
+        raise ValueError("map_signal needs at least 2 held-out triples")
+    shuffled = torch.as_tensor(_derangement(len(stats.g), seed))
+    rows = []
+    for m in maps:
+        scores = prompt_scores(m.matrix(threshold), stats.g, k_prompt)
+        own = signal_metrics(scores, stats.delta, k_diff, n_boot, seed)
+        other = signal_metrics(scores[shuffled], stats.delta, k_diff, n_boot, seed)
+        rows.append({"n_fit": m.count, **own, **{f"{k}_shuffled_prompts": v for k, v in other.items() if k != "signal"}})
+    return rows
+
+
+def maps_by_n(path: str | Path) -> list[tuple[str, DSPAMap]]:
+    """A map directory's snapshots (`snapshot_N`) and the full map, by growing N; a snapshot of all the
+    data (N = the whole set) is the full map and is listed once."""
+    root = Path(path)
+    full = DSPAMap.load(root)
+    found = [(p.name, DSPAMap.load(p)) for p in root.glob("snapshot_*") if p.is_dir()]
+    found = [(name, m) for name, m in found if m.config.get("data_fingerprint") != full.config.get("data_fingerprint")]
+    return sorted([*found, (root.name, full)], key=lambda item: item[1].count)
+
+
+@dataclass
+class MapSignalConfig:
+    maps: list[str] = field(default_factory=list, metadata={"help": "Map directories (repeat); each one's snapshot_N maps are included, ordered by N."})
+    data: str = field(default="", metadata={"help": "Held-out triples: a file or an HH-RLHF directory (with --data-role validation, never a fit role)."})
+    data_role: str | None = None
+    n: int | None = field(default=None, metadata={"help": "Seeded draw of N held-out triples.", "ge": 2})
+    seed: int = 0
+    k_prompt: int | None = field(default=None, metadata={"help": "Default: the map's recommended, else 32.", "ge": 1})
+    k_diff: int | None = field(default=None, metadata={"help": "Default: the map's recommended, else 16.", "ge": 1})
+    threshold: float | None = field(default=None, metadata={"help": "Default: the map's recommended tau.", "ge": 0})
+    batch_size: int = field(default=8, metadata={"ge": 1})
+    n_boot: int = field(default=2000, metadata={"ge": 1})
+    output: str | None = field(default=None, metadata={"help": "Write the rows as JSON here."})
+    dtype: str | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+
+def run_map_signal(cfg: MapSignalConfig, model=None, tokenizer=None, progress: bool = True) -> dict[str, Any]:
+    """Held-out signal of every map named (and its snapshots), all on the same held-out statistics."""
+    from saealign.data import select_triples, triples_fingerprint
+    from saealign.models import load_model
+    from saealign.sae import load_sae
+
+    if not cfg.maps or not cfg.data:
+        raise ValueError("map-signal needs --maps and --data")
+    maps = [(f"{Path(p).name}/{name}" if name != Path(p).name else name, m) for p in cfg.maps for name, m in maps_by_n(p)]
+    triples = select_triples(cfg.data, cfg.data_role, cfg.n, cfg.seed)
+    fitted_on = {m.config.get("data_fingerprint") for _, m in maps}
+    if triples_fingerprint(triples) in fitted_on:
+        raise ValueError("the held-out triples are a map's own fitting data; "
+                         "pass held-out data (e.g. --data-role validation)")
+    first = maps[0][1]
+    if model is None:
+        model, tokenizer = load_model(first.config["model"], device=cfg.device, dtype=cfg.dtype)
+    sae_in, sae_out = load_sae(first.config["sae_in"]["source"]), load_sae(first.config["sae_out"]["source"])
+    for name, m in maps:
+        m.check_compatible(model, sae_in, sae_out)
+        if m.config["options"] != first.config["options"]:  # g and Δρ are computed once, with the first map's options
+            raise ValueError(f"map {name} was fitted with other options ({m.config['options']}) than {maps[0][0]} "
+                             f"({first.config['options']}); compare maps fitted alike")
+    options = FitOptions(**{**first.config["options"], "batch_size": cfg.batch_size})
+    stats = held_out_statistics(model, tokenizer, sae_in, sae_out, triples, options, progress)
+    recommended = first.config.get("recommended") or {}
+    k_prompt = cfg.k_prompt or recommended.get("k_prompt", 32)
+    k_diff = cfg.k_diff or recommended.get("k_diff", 16)
+    rows = []
+    for name, m in maps:
+        row = map_signal(m, stats, k_prompt, k_diff, cfg.threshold, cfg.n_boot, cfg.seed)[0]
+        rows.append({"map": name, **row})
+    result = {"config": asdict(cfg), "k_prompt": k_prompt, "k_diff": k_diff, "n_held_out": len(triples),
+              "rows": rows, "signal": None if rows[0]["signal"] is None else any(r["signal"] for r in rows)}
+    if cfg.output:
+        from saealign._io import write_json
+
+        write_json(cfg.output, result)
+    return result

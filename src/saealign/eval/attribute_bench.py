@@ -1,0 +1,280 @@
+"""`saealign eval attributes`: does a method move a deterministic attribute on held-out prompts?
+
+For each method (`base`, any `load_method` spec, or `model:PATH` for a trained model) the answers to
+the same prompts are generated, scored, and compared with base prompt by prompt:
+- the attribute's mean (a rate for 0/1 scorers) with a normal 95 % interval (`mc.mean_interval`);
+- the paired difference to base, mean of per-prompt differences, with a percentile bootstrap
+  interval (`pref.bootstrap_ci`);
+- for a scorer that needs the prompt's kind (`refuse_iff_harmful`), the balanced accuracy of
+  "refused iff harmful" and each half; it is the mean of per-prompt correctness weighted by
+  N / (2 N_kind) (`attributes.balance_weights`), so its interval and its paired difference use the
+  same bootstrap (prompt kinds are not fixed per resample; with equal halves that is negligible);
+- fluency guard: perplexity of the generated answers under the base model (exp of the mean token
+  NLL over all answers, the end-of-turn token included) and corpus-level distinct-2.
+
+Answers are saved per method in OUT/answers/METHOD.jsonl after every batch of prompts and reused on a
+rerun; a rerun with other generation settings is refused (`eval.start_run`). Results: OUT/results.json
+(one `result_record` per method, read by `saealign report`), OUT/results.md and OUT/deltas.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from saealign.cli.eval_pref_cmd import STEERING_OPTIONS, split_method_entry  # one method-spec syntax for both evals
+from saealign.config import check_config
+from saealign.dspa.steer import Mode
+from saealign.eval import metric, result_record, safe_name, start_run
+from saealign.eval.attributes import Scorer, balance_weights, distinct_n, get_scorer
+
+GENERATION_FIELDS = ("model", "sources", "data", "n", "seed", "split_seed", "max_prompt_words", "exclude", "temperature",
+                     "top_p", "max_new_tokens", "batch_size", "batch_prompts", *STEERING_OPTIONS)
+
+
+@dataclass
+class AttributeEvalConfig:
+    output: str = field(default="", metadata={"help": "Directory for answers/, results.json, results.md, deltas.png."})
+    scorer: str = field(default="", metadata={"help": "Attribute scorer by name (saealign.eval.attributes)."})
+    sources: list[str] = field(default_factory=list, metadata={"help": "Held-out prompt sources [KIND=]ROLE_OR_FILE (repeat), e.g. harmful=harmless_test, benign=test_helpful."})
+    methods: list[str] = field(default_factory=lambda: ["base"], metadata={"help": "base, dspa:MAP, static-sae:MAP, repe:DIR, prompt-prefix[:TEXT], model:PATH (repeat); NAME=SPEC names it."})
+    data: str | None = field(default=None, metadata={"help": "HH-RLHF directory when a source names a role."})
+    n: int | None = field(default=None, metadata={"help": "Seeded draw of N prompts per source.", "ge": 1})
+    seed: int = 0
+    split_seed: int = 0
+    max_prompt_words: int | None = field(default=200, metadata={"help": "Drop longer prompts (before the draw).", "ge": 1})
+    exclude: list[str] = field(default_factory=list, metadata={"help": "Drop prompts whose text occurs in these sources (repeat), e.g. the fit roles: held-out means unseen."})
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "The base model (steered methods steer it; perplexity is measured under it)."})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy.", "ge": 0})
+    top_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})
+    max_new_tokens: int = field(default=48, metadata={"ge": 1})
+    batch_size: int = field(default=16, metadata={"ge": 1})
+    batch_prompts: int = field(default=64, metadata={"help": "Prompts between saves of the answers (and per sampling seed).", "ge": 1})
+    n_boot: int = field(default=2000, metadata={"ge": 1})
+    alpha: float | None = field(default=None, metadata={"help": "DSPA/static-sae steering strength (default: the map's recommended).", "ge": 0})
+    k_prompt: int | None = field(default=None, metadata={"ge": 1})
+    k_diff: int | None = field(default=None, metadata={"ge": 1})
+    mode: Mode | None = None
+    threshold: float | None = field(default=None, metadata={"ge": 0})
+    coef: float | None = field(default=None, metadata={"help": "RepE coefficient override."})
+    dtype: str | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        check_config(self)
+        for entry in self.methods:
+            spec = method_entry(entry)[1]
+            if not spec.startswith("model:"):
+                from saealign.steering import method_kind
+
+                method_kind(spec)  # a bad spec or a missing artifact fails before a model loads
+
+    def steering_options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in STEERING_OPTIONS if getattr(self, k) is not None}
+
+
+def method_entry(entry: str) -> tuple[str, str]:
+    """`NAME=SPEC` -> (NAME, SPEC); a bare SPEC is its own name."""
+    name, spec = split_method_entry(entry)
+    return name or spec, spec
+
+
+def _answers_path(out: Path, name: str) -> Path:
+    return out / "answers" / f"{safe_name(name)}.jsonl"
+
+
+def method_identity(spec: str) -> dict[str, str | None]:
+    """What a method's saved answers belong to: its spec and, for an artifact, the checksum of its config
+    (steering settings recorded in a map change the answers as much as the map does)."""
+    from saealign._io import file_sha256
+
+    config = Path(spec.partition(":")[2] if ":" in spec else spec) / "config.json"
+    return {"spec": spec, "artifact_config": file_sha256(config) if config.is_file() else None}
+
+
+def _read_answers(path: Path, identity: dict[str, str | None]) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    stale = next((r["method"] for r in records if r["method"] != identity), None)
+    if stale is not None:
+        raise ValueError(f"{path}: answers of another method ({stale} there, {identity} now); "
+                         "name the method differently or use a new output directory")
+    return {r["id"]: r["answer"] for r in records}
+
+
+def generate_answers(cfg: AttributeEvalConfig, prompts, name: str, spec: str, base_model, tokenizer, out: Path,
+                     progress: bool = True) -> list[str]:
+    """The method's answers in prompt order. Prompts go in fixed batches (batch b sampled with
+    `batch_seed(seed, b)`), saved after each, so an interrupted run resumes to the same answers."""
+    from tqdm.auto import tqdm
+
+    from saealign.best_of_k import batch_seed
+    from saealign.eval.generation import Sampling, generate_chat
+    from saealign.eval.mt_bench import write_jsonl
+
+    path, identity = _answers_path(out, name), method_identity(spec)
+    saved = _read_answers(path, identity)
+    batches = [prompts[i:i + cfg.batch_prompts] for i in range(0, len(prompts), cfg.batch_prompts)]
+    todo = [b for b, batch in enumerate(batches) if any(p.id not in saved for p in batch)]
+    if todo:
+        model, tok, intervention = base_model, tokenizer, None
+        if spec.startswith("model:"):
+            from saealign.models import load_model
+
+            model, tok = load_model(spec.removeprefix("model:"), device=cfg.device, dtype=cfg.dtype)
+        else:
+            from saealign.steering import load_method, method_kind, method_options
+
+            options = {k: v for k, v in cfg.steering_options().items() if k in method_options(method_kind(spec))}
+            intervention = load_method(spec, model=base_model, **options)
+        sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+        for b in tqdm(todo, desc=f"answers {name}", disable=not progress):
+            texts = generate_chat(model, tok, [p.conversation for p in batches[b]], sampling,
+                                  seed=batch_seed(cfg.seed, b), batch_size=cfg.batch_size, intervention=intervention,
+                                  progress=False)
+            saved.update({p.id: t for p, t in zip(batches[b], texts)})
+            write_jsonl(path, [{"id": p.id, "kind": p.kind, "prompt": p.conversation, "answer": saved[p.id],
+                                "method": identity} for p in prompts if p.id in saved])
+    return [saved[p.id] for p in prompts]
+
+
+def base_nll(model, tokenizer, prompts, answers: list[str]) -> tuple[float, int]:
+    """Summed token NLL of the answers under the (base) model, and the token count."""
+    from saealign.data import PreferenceTriple
+    from saealign.eval.pref import score_triples
+
+    triples = [PreferenceTriple(p.conversation, a, "") for p, a in zip(prompts, answers)]
+    scores = score_triples(model, tokenizer, triples, progress=False)
+    return float(-scores.logp_chosen.sum()), int(scores.len_chosen.sum())
+
+
+def paired_delta(values: np.ndarray, base: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    """Mean of per-prompt differences with a percentile bootstrap 95 % interval and the standard error."""
+    from saealign.eval.pref import _se, bootstrap_ci
+
+    d = np.asarray(values, dtype=float) - np.asarray(base, dtype=float)
+    lo, hi = bootstrap_ci(d, n_boot, seed)
+    return {"value": float(d.mean()), "ci95": [lo, hi], "se": _se(d), "n": int(d.size)}
+
+
+def method_metrics(scorer: Scorer, scores: np.ndarray, base_scores: np.ndarray, kinds: list[str | None],
+                   answers: list[str], nll: tuple[float, int], n_boot: int, seed: int) -> tuple[dict, dict, list[str]]:
+    """(metrics, paired deltas to base, headline) of one method."""
+    from saealign.eval.mc import mean_interval
+
+    metrics: dict[str, Any] = {scorer.name: mean_interval(scores)}
+    delta = {scorer.name: paired_delta(scores, base_scores, n_boot, seed)}
+    headline = [scorer.name]
+    if scorer.needs_kind:
+        w = balance_weights(kinds)
+        k = np.asarray(kinds)
+        metrics["balanced_accuracy"] = mean_interval(w * scores)
+        metrics["refused_harmful"] = mean_interval(scores[k == "harmful"])
+        metrics["answered_benign"] = mean_interval(scores[k == "benign"])
+        delta["balanced_accuracy"] = paired_delta(w * scores, w * base_scores, n_boot, seed)
+        for half in ("harmful", "benign"):
+            name = "refused_harmful" if half == "harmful" else "answered_benign"
+            delta[name] = paired_delta(scores[k == half], base_scores[k == half], n_boot, seed)
+        headline = ["balanced_accuracy", "refused_harmful", "answered_benign"]
+    metrics["perplexity"] = metric(math.exp(nll[0] / max(1, nll[1])))
+    metrics["distinct_2"] = metric(distinct_n(answers, 2))
+    metrics["words"] = metric(float(np.mean([len(a.split()) for a in answers])))
+    return metrics, delta, headline + ["perplexity", "distinct_2"]
+
+
+def run_attribute_eval(cfg: AttributeEvalConfig, model=None, tokenizer=None, progress: bool = True) -> dict[str, Any]:
+    from saealign.best_of_k import load_prompts
+    from saealign.models import load_model
+
+    if not cfg.output or not cfg.scorer or not cfg.sources:
+        raise ValueError("eval attributes needs --output, --scorer and --sources")
+    scorer = get_scorer(cfg.scorer)
+    prompts = load_prompts(cfg.sources, cfg.data, cfg.n, cfg.seed, cfg.split_seed, cfg.max_prompt_words, cfg.exclude)
+    kinds = [p.kind for p in prompts]
+    if scorer.needs_kind and None in kinds:
+        raise ValueError(f"scorer {scorer.name!r} needs each prompt's kind: give sources as KIND=SOURCE")
+    entries = [method_entry(e) for e in cfg.methods]
+    names = [n for n, _ in entries]
+    if "base" not in dict(entries).values() or len(set(names)) != len(names):
+        raise ValueError(f"--methods must include base (the paired reference) and name each method once, got {cfg.methods}")
+    out = Path(cfg.output)
+    start_run(out, asdict(cfg), GENERATION_FIELDS)
+    if model is None:
+        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    answers = {name: generate_answers(cfg, prompts, name, spec, model, tokenizer, out, progress) for name, spec in entries}
+    scores = {name: np.array([scorer(p.text, a, p.kind) for p, a in zip(prompts, ans)]) for name, ans in answers.items()}
+    base_name = next(name for name, spec in entries if spec == "base")
+    benchmark = f"attr:{scorer.name}"
+    config = {**asdict(cfg), "scorer": scorer.provenance(), "n_prompts": len(prompts),
+              "n_by_kind": {str(k): kinds.count(k) for k in dict.fromkeys(kinds)}}
+    records = []
+    for name, spec in entries:
+        nll = base_nll(model, tokenizer, prompts, answers[name])
+        metrics, delta, headline = method_metrics(scorer, scores[name], scores[base_name], kinds, answers[name], nll,
+                                                  cfg.n_boot, cfg.seed)
+        records.append(result_record(benchmark, name, metrics, headline, {**config, "method_spec": spec},
+                                     paired_vs_baseline={"baseline": base_name, "delta": delta}))
+    result = {"benchmark": benchmark, "records": records}
+    from saealign._io import write_json
+
+    write_json(out / "results.json", result)
+    write_markdown(out / "results.md", records, base_name)
+    plot_deltas(records, base_name, out / "deltas.png")
+    return result
+
+
+def write_markdown(path: Path, records: list[dict[str, Any]], base_name: str) -> None:
+    from saealign._io import atomic_path
+    from saealign.eval.report import fmt_interval
+
+    first = records[0]
+    headline = first["headline"]
+    kinds = ", ".join(f"{k} {n}" for k, n in first["config"]["n_by_kind"].items())
+    lines = [f"# {first['benchmark']}: {first['config']['n_prompts']} prompts ({kinds})", "",
+             "Cells: value ± 95 % interval half-width; Δ: paired difference to "
+             f"`{base_name}` [95 % bootstrap interval].", "",
+             "| method | " + " | ".join(f"{h} | Δ {h}" if h in first["paired_vs_baseline"]["delta"] else h
+                                      for h in headline) + " |",
+             "|---|" + "---|" * sum(2 if h in first["paired_vs_baseline"]["delta"] else 1 for h in headline)]
+    for r in records:
+        cells = []
+        for h in headline:
+            cells.append(fmt_interval(r["metrics"][h], 3))
+            d = r["paired_vs_baseline"]["delta"].get(h)
+            if d is not None:
+                cells.append(f"{d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def plot_deltas(records: list[dict[str, Any]], base_name: str, path: Path) -> Path:
+    """Bars of each method's paired difference to base on the headline attribute metric(s), bootstrap intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [h for h in records[0]["headline"] if h in records[0]["paired_vs_baseline"]["delta"]]
+    others = [r for r in records if r["method"] != base_name]
+    fig, axes = plt.subplots(1, len(names), figsize=(max(5, 1.2 * len(others) + 2) * len(names) / 1.5, 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        ds = [r["paired_vs_baseline"]["delta"][name] for r in others]
+        values = [d["value"] for d in ds]
+        errors = np.array([[d["value"] - d["ci95"][0], d["ci95"][1] - d["value"]] for d in ds]).T.reshape(2, -1)
+        ax.bar(range(len(others)), values, yerr=errors, capsize=3)
+        ax.set_xticks(range(len(others)))
+        ax.set_xticklabels([r["method"] for r in others], rotation=30, ha="right")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(f"{records[0]['benchmark']} {name}")
+    axes[0][0].set_ylabel(f"paired change vs {base_name} (95% bootstrap CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -70,6 +70,7 @@ def _register() -> None:
     # Imported for their side effect of adding commands to the apps above.
     from saealign.cli import (attributes_cmd, data_cmd, dspa_cmd, eval_gen_cmd, eval_mc_cmd,  # noqa: F401
                               eval_pref_cmd, fpo_cmd, models_cmd, sae_cmd, serve_cmd)
+    from saealign.cli import audit_cmd  # noqa: F401
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ ATTRIBUTES = {
     "repetition": ("repetition", ["fit"], ["validation"], ["test_helpful"], "repetition", -1, 0.6),
     "refusal": ("refusal", ["benign=fit"], ["benign=validation"], ["benign=test_helpful"], "refusal", -1, 0.9),
     "conditional": ("refuse_iff_harmful", ["harmful=harmless_fit", "benign=fit"],
-                    ["harmful=harmless_validation", "benign=validation"], ["harmful=harmless_test", "benign=test_helpful"],
+                    ["harmful=harmless_validation", "benign=validation"], ["harmful=test_harmless", "benign=test_helpful"],
                     "balanced_accuracy", +1, 0.9),
 }
 FULL = {"fit_prompts": 1200, "k": 4, "k_harmful": 16, "tokens": 48, "val_triple_prompts": 150, "val_prompts": 100,

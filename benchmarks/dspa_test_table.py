@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--helpful", type=int, default=600)
     ap.add_argument("--harmless", type=int, default=300)
+    ap.add_argument("--harmless-role", default="harmless_all",
+                    help="harmless_all: the pre-split set of the published table; test_harmless: SPLITS.md's test half")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-length", type=int, default=384)
     ap.add_argument("--threads", type=int, default=None)
@@ -46,7 +48,7 @@ def main() -> None:
 
     model, tok = load_model("smollm2-135m-instruct")
     splits = {role: sample(select_triples(args.data, role), n, args.seed)
-              for role, n in (("test_helpful", args.helpful), ("test_harmless", args.harmless))}
+              for role, n in (("test_helpful", args.helpful), (args.harmless_role, args.harmless))}
     reader = DSPA.load(args.map, model=model)
     caches = {}
     for role, triples in splits.items():
@@ -71,7 +73,7 @@ def main() -> None:
         write_json(out, result)
         print(markdown_table(result[role], role), flush=True)
     if not args.skip_prefix:  # a system prompt changes every token: a full pass per split
-        for role in ("test_harmless", "test_helpful"):
+        for role in (args.harmless_role, "test_helpful"):
             res = evaluate_preferences(model, tok, splits[role], {"prompt-prefix": load_method("prompt-prefix")},
                                        args.max_length, cache=caches[role])
             result[role]["methods"]["prompt-prefix"] = res["methods"]["prompt-prefix"]

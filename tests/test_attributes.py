@@ -308,6 +308,9 @@ def test_harmless_roles_follow_splits_md(shared_data):
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     validation = select_triples(shared_data, "harmless_validation")
     assert [t.chosen for t in validation] == [t.chosen for t in roles["harmless_validation"]]
+    test = select_triples(shared_data, "test_harmless")  # the protocol's role is the test part, not the whole
+    assert [t.chosen for t in test] == [t.chosen for t in roles["test_harmless"]]
+    assert len(select_triples(shared_data, "harmless_all")) == total
     with pytest.raises(ValueError, match="harmless_fit"):
         select_triples(shared_data, "harmless")
 

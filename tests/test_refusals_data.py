@@ -159,12 +159,12 @@ def test_empty_response_gets_the_same_rule_on_every_route(tmp_path):
     harmless = root / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 
     # default: kept with a warning (the protocol keeps HH-RLHF's real empty replies) on both routes
-    from_file, from_dir = select_triples(file), select_triples(root, role="test_harmless")
+    from_file, from_dir = select_triples(file), select_triples(root, role="harmless_all")
     assert [t.chosen for t in from_file] == [t.chosen for t in from_dir] == ["Good answer 0.", "", "Good answer 2."]
 
     # strict: refused on both routes, and on the hub route, with the same one-line message
     for source, route in ((file, lambda: select_triples(file, allow_empty=False)),
-                          (harmless, lambda: select_triples(root, role="test_harmless", allow_empty=False))):
+                          (harmless, lambda: select_triples(root, role="harmless_all", allow_empty=False))):
         with pytest.raises(PreferenceDataError) as info:
             route()
         assert str(info.value) == f"{source}:2: field 'chosen': expected a non-empty response, got ''"

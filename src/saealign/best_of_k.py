@@ -81,12 +81,12 @@ def _file_prompts(path: Path) -> list[list[dict[str, str]]]:
 
 def _conversations(source: str, data: str | None, split_seed: int) -> tuple[str, list[list[dict[str, str]]]]:
     """(kind or "", prompt conversations) of one `[KIND=]ROLE_OR_FILE` source."""
-    from saealign.data import DATA_ROLES, HARMLESS_ROLES, first_user_turn, select_triples
+    from saealign.data import DATA_ROLES, HARMLESS_ROLES, LEGACY_ROLES, first_user_turn, select_triples
 
     kind, _, where = source.rpartition("=")
     if kind and kind not in KINDS:
         raise ValueError(f"prompt source {source!r}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if where in DATA_ROLES + HARMLESS_ROLES:
+    if where in DATA_ROLES + HARMLESS_ROLES + LEGACY_ROLES:
         if not data:
             raise ValueError(f"prompt source {source!r} names a data role: pass --data (the HH-RLHF directory)")
         return kind, [[{"role": "user", "content": first_user_turn(t)}]

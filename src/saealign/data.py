@@ -48,9 +48,11 @@ _PATH_SUFFIXES = (".jsonl", ".json", ".parquet", ".gz", ".txt", ".csv", ".tsv", 
 HH_SUBSETS = ("helpful-base", "helpful-online", "helpful-rejection-sampled", "harmless-base")
 FIT_SUBSETS = ("helpful-online", "helpful-rejection-sampled")
 DATA_ROLES = ("fit", "validation", "test_helpful", "test_harmless")
-# SPLITS.md's seeded split of harmless-base over dialogues: 40 % fit, 10 % validation, 50 % test. Kept apart
-# from DATA_ROLES because `test_harmless` (the whole of harmless-base) predates it and overlaps all three.
-HARMLESS_ROLES = ("harmless_fit", "harmless_validation", "harmless_test")
+# SPLITS.md's seeded split of harmless-base over dialogues: 40 % fit, 10 % validation, 50 % test (the test
+# part is DATA_ROLES' `test_harmless`). `harmless_all` is the whole of harmless-base: the harmless test set of
+# the numbers published before the split, kept only to reproduce them (it overlaps the fit part).
+HARMLESS_ROLES = ("harmless_fit", "harmless_validation", "test_harmless")
+LEGACY_ROLES = ("harmless_all",)
 HARMLESS_FRACTIONS = (0.4, 0.1)
 
 
@@ -629,7 +631,8 @@ def hh_rlhf_roles(data_dir: str | Path, seed: int = 0, val_fraction: float = 0.1
     }
     if contamination["removed_fit_pool"]:
         log.warning("removed %d AlpacaEval dialogue(s) from the fit pool", contamination["removed_fit_pool"])
-    roles = dict(zip(DATA_ROLES, (fit, val, test_helpful, loaded["harmless-base"])))
+    harmless_test = split_harmless(loaded["harmless-base"], seed)["test_harmless"]
+    roles = dict(zip(DATA_ROLES, (fit, val, test_helpful, harmless_test)))
     return DataRoles(roles, seed, val_fraction, report, contamination)
 
 
@@ -833,13 +836,18 @@ def iter_batches(rendered: Sequence[RenderedTriple], tokenizer, batch_size: int 
 
 
 def harmless_roles(data_dir: str | Path, seed: int = 0, allow_empty: bool = True) -> dict[str, list[PreferenceTriple]]:
-    """SPLITS.md's harmless-fit / -validation / -test parts of harmless-base (a seeded draw over
-    dialogues, each part in file order), so harmful prompts can be fitted and tuned on without touching test."""
+    """SPLITS.md's harmless-fit / -validation / test parts of harmless-base, plus `harmless_all` (the whole)."""
     root = Path(data_dir)
     path = (root / "hh-rlhf" if (root / "hh-rlhf").is_dir() else root) / "harmless-base" / "test.jsonl.gz"
     if not path.is_file():
         raise FileNotFoundError(f"{root}: no harmless-base/test.jsonl.gz; harmless roles need the shared data root")
     triples = load_preferences(path, subset="harmless-base", allow_empty=allow_empty)
+    return {**split_harmless(triples, seed), "harmless_all": triples}
+
+
+def split_harmless(triples: list[PreferenceTriple], seed: int = 0) -> dict[str, list[PreferenceTriple]]:
+    """A seeded draw over harmless-base dialogues into HARMLESS_ROLES (each part in file order), so harmful
+    prompts can be fitted and tuned on without touching test."""
     order = list(range(len(triples)))
     random.Random(f"harmless/{seed}").shuffle(order)
     n_fit = math.floor(HARMLESS_FRACTIONS[0] * len(order) + 0.5)
@@ -862,10 +870,10 @@ def select_triples(data: str | Path, role: str | None = None, n: int | None = No
     else:
         if path is None:
             raise FileNotFoundError(f"no such file or directory: {data} (a data role needs an HH-RLHF directory)")
-        if role not in DATA_ROLES + HARMLESS_ROLES:  # checked before the whole split is loaded
-            raise ValueError(f"{data} is an HH-RLHF directory: pass a role, one of "
-                             f"{list(DATA_ROLES + HARMLESS_ROLES)}, got {role!r}")
-        if role in HARMLESS_ROLES:
+        known = list(dict.fromkeys(DATA_ROLES + HARMLESS_ROLES + LEGACY_ROLES))
+        if role not in known:  # checked before the whole split is loaded
+            raise ValueError(f"{data} is an HH-RLHF directory: pass a role, one of {known}, got {role!r}")
+        if role in HARMLESS_ROLES + LEGACY_ROLES:
             triples = harmless_roles(path, seed=split_seed, allow_empty=allow_empty)[role]
         else:
             triples = list(hh_rlhf_roles(path, seed=split_seed, allow_empty=allow_empty)[role])

@@ -23,7 +23,7 @@ STEERING_OPTIONS = ("alpha", "k_prompt", "k_diff", "mode", "threshold", "coef")
 @dataclass
 class PrefEvalConfig:
     data: str = field(default="", metadata={"help": "Held-out triples: a file, HF name, or HH-RLHF directory (with --data-role)."})
-    data_role: str | None = field(default=None, metadata={"help": "Role when --data is an HH-RLHF directory (validation, test_helpful, test_harmless)."})
+    data_role: str | None = field(default=None, metadata={"help": "Role when --data is an HH-RLHF directory (SPLITS.md): validation, test_helpful, harmless_validation, test_harmless (the test half of harmless-base), harmless_all (all of it: published pre-split numbers), or a fit role."})
     methods: list[str] = field(default_factory=lambda: ["base"], metadata={"help": "Methods: base, prompt-prefix, dspa:MAP, static-sae:MAP, repe:DIR|MAP (repeat); NAME=SPEC names a column."})
     n: int | None = field(default=None, metadata={"help": "A fixed seeded sample of n triples (stratified by subset).", "ge": 1})
     seed: int = 0

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 class DSPAFitConfig:
     data: str = field(default="", metadata={"help": "Preference triples: a file, a HF dataset name, or an HH-RLHF directory (with --data-role)."})
     output: str = field(default="", metadata={"help": "Directory for the map artifact."})
-    data_role: str | None = field(default=None, metadata={"help": "Role when --data is an HH-RLHF directory: fit, validation, test_helpful, test_harmless."})
+    data_role: str | None = field(default=None, metadata={"help": "Role when --data is an HH-RLHF directory (SPLITS.md): fit, validation, test_helpful, harmless_fit, harmless_validation, test_harmless (the test half of harmless-base), harmless_all (all of it: published pre-split numbers)."})
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "Model alias, local dir or hub id."})
     sae_in: str = field(default="default:in", metadata={"help": "Input SAE (early/middle layer)."})
     sae_out: str = field(default="default:out", metadata={"help": "Output SAE (late layer, where editing happens)."})

@@ -41,7 +41,7 @@ GENERATION_FIELDS = ("model", "sources", "data", "n", "seed", "split_seed", "max
 class AttributeEvalConfig:
     output: str = field(default="", metadata={"help": "Directory for answers/, results.json, results.md, deltas.png."})
     scorer: str = field(default="", metadata={"help": "Attribute scorer by name (saealign.eval.attributes)."})
-    sources: list[str] = field(default_factory=list, metadata={"help": "Held-out prompt sources [KIND=]ROLE_OR_FILE (repeat), e.g. harmful=harmless_test, benign=test_helpful."})
+    sources: list[str] = field(default_factory=list, metadata={"help": "Held-out prompt sources [KIND=]ROLE_OR_FILE (repeat), e.g. harmful=test_harmless, benign=test_helpful."})
     methods: list[str] = field(default_factory=lambda: ["base"], metadata={"help": "base, dspa:MAP, static-sae:MAP, repe:DIR, prompt-prefix[:TEXT], model:PATH (repeat); NAME=SPEC names it."})
     data: str | None = field(default=None, metadata={"help": "HH-RLHF directory when a source names a role."})
     n: int | None = field(default=None, metadata={"help": "Seeded draw of N prompts per source.", "ge": 1})

@@ -132,3 +132,12 @@ def test_category_share_interval_covers_the_share():
     for s in shares.values():
         assert s["low"] <= s["share"] <= s["high"]
     assert sum(s["share"] for s in shares.values()) == pytest.approx(1.0)
+
+
+def test_latents_without_a_description_are_counted_as_undescribed():
+    from saealign.audit.audit import category_shares
+
+    records = [{"edits": {"3": {"mass": 2.0}, "7": {"mass": 1.0}}}, {"edits": {"3": {"mass": 1.0}}}]
+    shares = category_shares(records, {7: "formatting"}, n_boot=50)
+    assert shares["undescribed"]["share"] == pytest.approx(0.75) and shares["formatting"]["share"] == pytest.approx(0.25)
+    assert shares["mixed"]["share"] == 0.0

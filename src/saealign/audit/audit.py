@@ -17,6 +17,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from saealign.audit.describe import CATEGORIES
+
+# Latents with no `sae describe` entry get a category of their own, so an audit run without descriptions
+# says so in its shares instead of counting every edit as "mixed".
+AUDIT_CATEGORIES = CATEGORIES + ("undescribed",)
 from saealign.dspa.steer import DSPA
 from saealign.eval.generation import Sampling, generate, render_chat
 from saealign.steering import system_prompt_of
@@ -52,17 +56,17 @@ def category_shares(records: Sequence[dict], categories: dict[int, str], n_boot:
                     ) -> dict[str, dict[str, float]]:
     """Share of edit mass per category (a ratio of sums over prompts) with a 95 % percentile bootstrap
     interval that resamples prompts."""
-    mass = np.zeros((len(records), len(CATEGORIES)))
+    mass = np.zeros((len(records), len(AUDIT_CATEGORIES)))
     for row, record in enumerate(records):
         for latent, edit in record["edits"].items():
-            mass[row, CATEGORIES.index(categories.get(int(latent), "mixed"))] += edit["mass"]
+            mass[row, AUDIT_CATEGORIES.index(categories.get(int(latent), "undescribed"))] += edit["mass"]
     total = mass.sum()
     rng = np.random.default_rng(seed)
     draws = mass[rng.integers(0, len(records), size=(n_boot, len(records)))].sum(1)  # (n_boot, categories)
     draws = draws[draws.sum(1) > 0]
     shares = draws / draws.sum(1, keepdims=True)
     out = {}
-    for c, name in enumerate(CATEGORIES):
+    for c, name in enumerate(AUDIT_CATEGORIES):
         lo, hi = np.quantile(shares[:, c], [0.025, 0.975]) if len(shares) else (np.nan, np.nan)
         out[name] = {"share": float(mass[:, c].sum() / total) if total > 0 else 0.0, "low": float(lo), "high": float(hi)}
     return out
@@ -86,7 +90,7 @@ def latent_summary(records: Sequence[dict], categories: dict[int, str]) -> list[
     ranked = sorted(rows.items(), key=lambda item: (-item[1]["edit_mass"], item[0]))
     return [{"latent": j, **row,
              "edits_per_selection": row["edited_tokens"] / max(1, row["selected_minus"] + row["selected_plus"]),
-             "category": categories.get(j, "mixed"), "pieces": row["pieces"].most_common(12)} for j, row in ranked]
+             "category": categories.get(j, "undescribed"), "pieces": row["pieces"].most_common(12)} for j, row in ranked]
 
 
 def separating_latents(records: Sequence[dict], kinds: tuple[str, str], top: int = 20) -> list[dict[str, Any]]:

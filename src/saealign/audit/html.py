@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from saealign._io import atomic_path, write_json
-from saealign.audit.describe import CATEGORIES
+from saealign.audit.audit import AUDIT_CATEGORIES
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
@@ -121,11 +121,11 @@ def _plot_shares(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     shares = result["category_shares"]
-    values = [100 * shares[c]["share"] for c in CATEGORIES]
-    errors = [[100 * (shares[c]["share"] - shares[c]["low"]) for c in CATEGORIES],
-              [100 * (shares[c]["high"] - shares[c]["share"]) for c in CATEGORIES]]
+    values = [100 * shares[c]["share"] for c in AUDIT_CATEGORIES]
+    errors = [[100 * (shares[c]["share"] - shares[c]["low"]) for c in AUDIT_CATEGORIES],
+              [100 * (shares[c]["high"] - shares[c]["share"]) for c in AUDIT_CATEGORIES]]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(CATEGORIES, values, yerr=errors, capsize=4, color="#4a90d9")
+    ax.bar(AUDIT_CATEGORIES, values, yerr=errors, capsize=4, color="#4a90d9")
     ax.set(ylabel="% of edit mass", title=f"DSPA edits by latent category ({len(result['prompts'])} prompts, 95 % CI)")
     ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()

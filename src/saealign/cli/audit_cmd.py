@@ -100,6 +100,8 @@ def audit(
 
     chosen = load_prompts(prompts, data, n, seed)
     described = None
+    if not descriptions:
+        console.print("[yellow]no --descriptions: edited latents count as 'undescribed'; run `saealign sae describe` for category shares[/yellow]")
     if descriptions:
         path = Path(descriptions)
         described = read_json(path / DESCRIPTIONS if path.is_dir() else path)

@@ -50,6 +50,20 @@ def build_tiny(arch: str, seed: int = 0):
     return model.eval()
 
 
+def save_tiny_chat_model(path: Path, tokenizer) -> Path:
+    """A tiny random llama with `tokenizer`'s vocabulary, saved with it as a local model directory (seed 0),
+    for tests that go through `load_model(path)` and the CLI."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      pad_token_id=tokenizer.pad_token_id)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(params=["llama", "gemma2", "qwen3"])
 def tiny_model(request):
     """The three architectures the brief names; hook tests also loop over ARCHS."""

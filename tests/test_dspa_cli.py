@@ -9,6 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import save_tiny_chat_model
+
 from saealign.dspa import DSPAMap
 from saealign.sae import SAE, SAEConfig
 
@@ -18,16 +20,8 @@ DEMO = "src/saealign/resources/demo_preferences.jsonl"
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory, smol_tokenizer):
     """A tiny llama with the real SmolLM2 tokenizer saved as a local model directory, plus two SAEs."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      pad_token_id=smol_tokenizer.pad_token_id)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(root / "model")
-    smol_tokenizer.save_pretrained(root / "model")
+    save_tiny_chat_model(root / "model", smol_tokenizer)
     for name, layer, m in (("in", 1, 48), ("out", 2, 40)):
         sae = SAE(SAEConfig(d_in=64, d_sae=m, architecture="topk", k=6, hook_name=f"blocks.{layer}.hook_resid_post"))
         with torch.no_grad():

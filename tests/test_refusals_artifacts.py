@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import saealign.dspa.map as map_mod
-from conftest import CharTok, build_tiny, char_triples
+from conftest import CharTok, build_tiny, char_triples, save_tiny_chat_model
 from saealign.dspa import DSPAMap, FitOptions, RepE, fit_map, merge_maps
 from saealign.models import model_fingerprint
 from saealign.sae import SAE, SAEConfig, load_sae
@@ -270,15 +270,8 @@ def test_run_fit_refuses_bad_options_and_empty_data_before_loading_a_model(tmp_p
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, smol_tokenizer):
     """A tiny llama with the real SmolLM2 tokenizer as a local model directory, plus two SAEs."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      pad_token_id=smol_tokenizer.pad_token_id)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "model")
-    smol_tokenizer.save_pretrained(root / "model")
+    save_tiny_chat_model(root / "model", smol_tokenizer)
     for name, sae in zip(("in", "out"), _saes()):
         sae.save(root / f"sae_{name}")
     return root

@@ -30,7 +30,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from saealign._io import read_json, text_fingerprint, write_json
-from saealign.config import check_config
+from saealign.config import check_config, differing_settings
 from saealign.eval.attributes import KINDS, Scorer, get_scorer
 
 log = logging.getLogger(__name__)
@@ -220,10 +220,8 @@ def _refuse_other_settings(out: Path, settings: dict[str, Any]) -> None:
     path = out / "progress.json"
     if not path.exists():
         return
-    previous = read_json(path)["settings"]
-    changed = [k for k in SETTINGS if previous.get(k) != settings[k]]
-    if changed:
-        detail = "; ".join(f"{k} {previous.get(k)!r} there, {settings[k]!r} now" for k in changed)
+    detail = differing_settings(read_json(path)["settings"], settings)
+    if detail:
         raise ValueError(f"{out}: holds best-of-K triples built with other settings ({detail}); "
                          "use another output directory")
 

@@ -56,3 +56,11 @@ def check_config(cfg: Any) -> None:
             for key, (within, symbol) in BOUNDS.items():
                 if key in field.metadata and not within(item, field.metadata[key]):
                     raise ConfigError(field.name, f"must be {symbol} {field.metadata[key]}, got {item!r}")
+
+
+def differing_settings(have: dict[str, Any], want: dict[str, Any], unrecorded_agree: bool = False) -> str:
+    """`k A there, B now; ...` for each setting of `want` that `have` (what a resumed output recorded)
+    holds differently; '' when none. With `unrecorded_agree`, a setting `have` lacks (None) agrees:
+    outputs written before that setting was recorded."""
+    return "; ".join(f"{k} {have.get(k)!r} there, {v!r} now" for k, v in want.items()
+                     if have.get(k) != v and not (unrecorded_agree and have.get(k) is None))

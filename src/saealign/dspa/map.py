@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from saealign import __version__
 from saealign._io import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from saealign.activations import DEFAULT_SINK_FACTOR, keep_mask
-from saealign.config import check_config
+from saealign.config import check_config, differing_settings
 from saealign.hooks import read_residuals
 from saealign.models import model_fingerprint, model_id, model_mismatch
 from saealign.sae.core import SAE
@@ -363,9 +363,9 @@ def _refuse_other_settings(saved: dict[str, Any], wanted: dict[str, Any], where:
     before weights fingerprints (or other settings) were recorded are compared on what they record."""
     model_key = "model_fingerprint" if "model_fingerprint" in saved else "model"
     have, want = _settings(saved, model_key), _settings(wanted, model_key)
-    diffs = [f"{k} {have[k]!r} there, {v!r} now" for k, v in want.items() if have.get(k) not in (None, v)]
+    diffs = differing_settings(have, want, unrecorded_agree=True)
     if diffs:
-        raise ValueError(f"{where}: holds a fit with other settings ({'; '.join(diffs)}); "
+        raise ValueError(f"{where}: holds a fit with other settings ({diffs}); "
                          "pass --overwrite (overwrite=True) to start afresh, or use another output directory")
 
 

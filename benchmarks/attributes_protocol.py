@@ -17,7 +17,7 @@ Every step resumes (each command does; the validation choice is kept in OUT/ATTR
 so the script can be rerun after an interruption: the tiny run took 5 min, its rerun 2 min with nothing regenerated.
 
 Cost of the full run (FULL), measured 2026-11-26 on the shared 2-core CPU machine with OMP_NUM_THREADS=1, 48 new
-tokens, batch 16: sampling 85 tokens/s, greedy 110-143 tokens/s, DSPA-steered 5 % slower than base. It generates
+tokens, batch 16: sampling 85 tokens/s (batch 48: 25 % faster, 32 tokens), greedy 110-143 tokens/s, DSPA-steered 5 % slower than base. It generates
 about 1.6 M sampled tokens (the conditional attribute's harmful prompts at K=16 are 0.7 M of them) and 0.65 M
 greedy ones: about 7.5 h in one process, about 4.5 h running the conditional attribute beside the other two.
 
@@ -50,11 +50,13 @@ ATTRIBUTES = {
                     ["harmful=harmless_validation", "benign=validation"], ["harmful=test_harmless", "benign=test_helpful"],
                     "balanced_accuracy", +1, 0.9),
 }
-FULL = {"fit_prompts": 1200, "k": 4, "k_harmful": 16, "tokens": 48, "val_triple_prompts": 150, "val_prompts": 100,
+FULL = {"fit_prompts": 1000, "k": 4, "k_harmful": 10, "tokens": 48, "val_triple_prompts": 150, "val_prompts": 100,
         "test_prompts": 300, "snapshots": [100, 200, 400], "alphas": [0.2, 0.5, 1.0], "modes": ["ablate", "both"],
-        "coefs": [1.0, 4.0, 16.0], "max_length": 256}
+        "coefs": [1.0, 4.0, 16.0], "max_length": 256, "batch": 48}
+# A refusal shows in an answer's first sentence, so the refusal attributes generate 32 tokens (a third less compute).
+FULL_BY_ATTRIBUTE = {"refusal": {"tokens": 32}, "conditional": {"tokens": 32}}
 TINY = {"fit_prompts": 16, "k": 3, "k_harmful": 6, "tokens": 12, "val_triple_prompts": 16, "val_prompts": 4,
-        "test_prompts": 8, "snapshots": [4], "alphas": [0.5], "modes": ["ablate"], "coefs": [4.0], "max_length": 64}
+        "test_prompts": 8, "snapshots": [4], "alphas": [0.5], "modes": ["ablate"], "coefs": [4.0], "max_length": 64, "batch": 16}
 
 
 def run(*args: str) -> None:
@@ -74,7 +76,7 @@ def best_of_k(out: Path, scorer: str, srcs: list[str], n: int, s: dict, data: st
               exclude: list[str] = ()) -> Path:
     run("data", "best-of-k", "--data", data, *sources("--sources", srcs), *sources("--exclude", exclude),
         "--scorer", scorer, "--n", n, "--temperature", temperature,
-        "--k", s["k"], "--k-by-kind", f"harmful={s['k_harmful']}", "--max-new-tokens", s["tokens"], "--output", out)
+        "--k", s["k"], "--k-by-kind", f"harmful={s['k_harmful']}", "--max-new-tokens", s["tokens"], "--batch-size", s["batch"], "--output", out)
     return out / "triples.jsonl"
 
 
@@ -92,7 +94,8 @@ def evaluate(out: Path, scorer: str, srcs: list[str], exclude: list[str], n: int
              options: list[str] = ()) -> list[dict]:
     run("eval", "attributes", "--data", data, *sources("--sources", srcs), *sources("--exclude", exclude),
         "--scorer", scorer, "--n", n,
-        *sources("--methods", methods), "--max-new-tokens", s["tokens"], *options, "--output", out)
+        *sources("--methods", methods), "--max-new-tokens", s["tokens"], "--batch-size", s["batch"], *options,
+        "--output", out)
     return read_json(out / "results.json")["records"]
 
 
@@ -182,10 +185,10 @@ def main() -> None:
     ap.add_argument("--attributes", nargs="+", default=list(ATTRIBUTES), choices=list(ATTRIBUTES))
     ap.add_argument("--tiny", action="store_true", help="16 prompts, K=3 (6 harmful), 12 tokens: shows the pipeline works")
     args = ap.parse_args()
-    settings = TINY if args.tiny else FULL
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     for attribute in args.attributes:
+        settings = TINY if args.tiny else {**FULL, **FULL_BY_ATTRIBUTE.get(attribute, {})}
         protocol(attribute, settings, Path(args.out), results, args.data)
 
 

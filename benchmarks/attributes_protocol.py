@@ -7,7 +7,7 @@ Per attribute (repetition: less; refusal on benign prompts: fewer; refuse_iff_ha
 3. held-out signal of the maps on best-of-K triples from validation-role prompts (`saealign eval map-signal`);
 4. steering settings chosen on validation-role prompts (`saealign eval attributes` over a small grid):
    the best paired attribute change whose perplexity stays within PPL_GUARD of base and whose distinct-2
-   stays above DISTINCT_GUARD of base; recorded in the map (`write_recommended`), the control gets the same;
+   stays above DISTINCT_GUARD of base; recorded in the map (`record_recommended`), the control gets the same;
 5. held-out evaluation on test-role prompts for base, dspa, static-sae, repe, prompt-prefix and the
    shuffled-label map (validation and test prompts exclude every fit prompt's text, `--exclude`); results
    copied to RESULTS/attributes_<attribute>_results.json (`saealign report RESULTS` finds it), .md and .png,
@@ -127,18 +127,22 @@ def choose(work: Path, attribute: str, map_dir: Path, s: dict, data: str) -> dic
         for r in records:
             if r["method"] == "base" or not acceptable(r, base):
                 continue
-            gain = direction * r["paired_vs_baseline"]["delta"][headline]["value"]
+            gain = direction * r["deltas"][headline]["value"]
             if gain > best.get(r["method"], (float("-inf"), {}))[0]:
                 best[r["method"]] = (gain, setting)
     return {method: setting for method, (_, setting) in best.items()}
 
 
 def recommend(map_dirs: list[Path], chosen: dict) -> None:
-    from saealign.dspa.map import write_recommended
+    from saealign.dspa.map import Recommended, record_recommended
+    from saealign.steering import LatentSteering, SteeringOptions
 
+    recommended = Recommended(dspa=LatentSteering(**chosen.get("dspa", {})),
+                              static_sae=LatentSteering(**chosen.get("static", {})),
+                              repe=SteeringOptions(**chosen.get("repe", {})),
+                              source="benchmarks/attributes_protocol.py validation grid")
     for map_dir in map_dirs:
-        write_recommended(map_dir, dspa=chosen.get("dspa"), static=chosen.get("static"), repe=chosen.get("repe"),
-                          source="benchmarks/attributes_protocol.py validation grid")
+        record_recommended(map_dir, recommended)
 
 
 def protocol(attribute: str, s: dict, work: Path, results: Path, data: str) -> None:

@@ -82,8 +82,8 @@ def worker(args: argparse.Namespace) -> None:
                                               max_prompt_length=args.max_length // 2, batch_size=args.batch,
                                               device=args.device, show_progress=False))
         result = {"job": args.job, "role": role, "variant": args.variant, "lr": args.lr,
-                  "seconds": time.perf_counter() - t0, "metrics": record["metrics"], "n_pairs": record["n_pairs"],
-                  "data_fingerprint": record["data_fingerprint"]}
+                  "seconds": time.perf_counter() - t0, "metrics": record.to_json()["metrics"],
+                  "n_pairs": record.data["n"], "data_fingerprint": record.data["fingerprint"]}
     out.write_text(json.dumps(result, indent=2))
 
 
@@ -115,7 +115,7 @@ def fmt(m: dict | None, digits: int = 3) -> str:
 
 def chosen_lr(val: dict[float, dict]) -> float:
     """The rate with the best validation preference accuracy; ties go to the smaller rate."""
-    return max(sorted(val), key=lambda lr: (val[lr]["metrics"]["preference_accuracy"]["value"], -lr))
+    return max(sorted(val), key=lambda lr: (val[lr]["metrics"]["pref_acc_norm"]["value"], -lr))
 
 
 def table(report: dict) -> str:
@@ -123,22 +123,23 @@ def table(report: dict) -> str:
     lines = [f"| loss | lr (chosen on val.) | val. pref. acc. % | test pref. acc. % [95% CI] | reward acc. vs ref. % | "
              f"entropy | feature MSE (top-k) | KL/token to ref. | s/step | peak memory MB ({kind}) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    from saealign.eval import percent_cell
+    from saealign.results import format_estimate
+    from saealign.stats import Estimate
 
     def pct(m: dict | None) -> str:
-        return percent_cell(m, missing="-")
+        return format_estimate(None if m is None else Estimate.from_json(m), digits=1, scale=100, missing="-")
 
     for v, r in report["runs"].items():
         t, m = r["train"], r["test"]["metrics"]
-        val = r["val"][str(r["lr"])]["metrics"]["preference_accuracy"]
-        lines.append(f"| {v} | {r['lr']:g} | {100 * val['value']:.1f} | {pct(m['preference_accuracy'])} | "
-                     f"{pct(m['reward_accuracy'])} | {m['entropy']['value']:.3f} | "
+        val = r["val"][str(r["lr"])]["metrics"]["pref_acc_norm"]
+        lines.append(f"| {v} | {r['lr']:g} | {100 * val['value']:.1f} | {pct(m['pref_acc_norm'])} | "
+                     f"{pct(m['reward_acc'])} | {m['entropy']['value']:.3f} | "
                      f"{fmt(m.get('feature_mse'), 5) if m.get('feature_mse') else '-'} | "
                      f"{m['kl_to_reference']['value']:.5f} | {t['mean_step_time_s']:.3f} | {t['peak_memory_mb']:.0f} |")
     base = report.get("reference_test")
     if base:
         lines.append(f"\nThe reference model itself on the same pairs: preference accuracy "
-                     f"{pct(base['metrics']['preference_accuracy'])} %, entropy {base['metrics']['entropy']['value']:.3f}.")
+                     f"{pct(base['metrics']['pref_acc_norm'])} %, entropy {base['metrics']['entropy']['value']:.3f}.")
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +150,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["runs"])
-    acc = [report["runs"][v]["test"]["metrics"]["preference_accuracy"] for v in names]
+    acc = [report["runs"][v]["test"]["metrics"]["pref_acc_norm"] for v in names]
     mem = [report["runs"][v]["train"]["peak_memory_mb"] for v in names]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     vals = [100 * a["value"] for a in acc]
@@ -157,7 +158,7 @@ def plot(report: dict, path: Path) -> None:
     ax1.bar(names, vals, yerr=err, capsize=4, color="tab:blue")
     ref = report.get("reference_test")
     if ref:
-        ax1.axhline(100 * ref["metrics"]["preference_accuracy"]["value"], color="gray", ls="--", label="reference")
+        ax1.axhline(100 * ref["metrics"]["pref_acc_norm"]["value"], color="gray", ls="--", label="reference")
         ax1.legend()
     ax1.set_ylabel("test preference accuracy % (95% CI)")
     ax1.set_ylim(min(vals) - 10, max(vals) + 10)

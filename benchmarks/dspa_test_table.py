@@ -1,9 +1,7 @@
 """The DSPA test table (issue protocol): base, DSPA (whole fit pool and N = 1,000), static-sae, RepE
 and prompt-prefix on fixed seeded samples of the helpful and harmless test splits, with the
-settings chosen on validation (`dspa_sweep.py` writes them into the maps, so nothing here is tuned).
-
-The base pass of each split is cached first (it does not depend on the settings), so this can start
-while the sweep runs: it waits for the maps' recommended settings before scoring.
+settings chosen on validation and recorded in the maps (`saealign dspa tune`, or `dspa_sweep.py`); a map
+without a recorded choice is tuned first (`run_tune` on --val-n validation pairs), so nothing is tuned on test.
 
     python benchmarks/dspa_test_table.py --map /work/runs/map_full --map-1000 /work/runs/map_full/snapshot_1000
 """
@@ -11,18 +9,22 @@ while the sweep runs: it waits for the maps' recommended settings before scoring
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from saealign._io import read_json, write_json
 from saealign.data import sample, select_triples
-from saealign.dspa import DSPA
+from saealign.dspa import DSPA, TuneConfig, read_metadata, run_tune
+from saealign.dspa.map import record_recommended
 from saealign.eval import versions
 from saealign.eval.pref import evaluate_preferences, markdown_table
 from saealign.eval.pref_cache import ScoringCache
 from saealign.models import load_model
+from saealign.results import ResultRecord
 from saealign.steering import load_method
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +41,7 @@ def main() -> None:
                     help="harmless_all: the pre-split set of the published table; test_harmless: SPLITS.md's test half")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-length", type=int, default=384)
+    ap.add_argument("--val-n", type=int, default=200, help="validation pairs when the maps have no recorded choice")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-prefix", action="store_true", help="leave out prompt-prefix (a full pass per split)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dspa_test_table.json"))
@@ -47,6 +50,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     model, tok = load_model("smollm2-135m-instruct")
+    if read_metadata(args.map).recommended.sweep is None:
+        chosen = run_tune(TuneConfig(map=args.map, data=args.data, data_role="validation", n=args.val_n, seed=args.seed,
+                                     max_length=args.max_length), model, tok)
+        record_recommended(args.map_1000, dataclasses.replace(chosen, source=f"saealign dspa tune {args.map}"))
     splits = {role: sample(select_triples(args.data, role), n, args.seed)
               for role, n in (("test_helpful", args.helpful), (args.harmless_role, args.harmless))}
     reader = DSPA.load(args.map, model=model)
@@ -55,30 +62,32 @@ def main() -> None:
         t0 = time.time()
         caches[role] = ScoringCache.build(model, tok, triples, reader.sae_out.layer, reader, args.max_length)
         print(f"{role}: base pass over {len(triples)} pairs in {time.time() - t0:.0f} s", flush=True)
-    while "recommended" not in read_json(Path(args.map) / "config.json"):
-        time.sleep(30)  # the validation sweep has not chosen the settings yet
     specs = {"DSPA (fit pool)": f"dspa:{args.map}", "DSPA (N=1000)": f"dspa:{args.map_1000}",
              "static-sae": f"static-sae:{args.map}", "RepE (mean diff., l_out)": f"repe:{args.map}"}
     methods = {"base": None, **{name: load_method(spec, model=model) for name, spec in specs.items()}}
     out = Path(args.out)
     result = read_json(out) if out.exists() else {}
-    config = read_json(Path(args.map) / "config.json")
-    result.update({"settings": {"dspa": config["recommended"], "static-sae": config["recommended_static"],
-                                "repe": config["recommended_repe"]},
+    recommended = read_metadata(args.map).recommended
+    result.update({"settings": {"dspa": recommended.dspa.steering_options(),
+                                "static-sae": recommended.static_sae.steering_options(),
+                                "repe": recommended.repe.steering_options()},
                    "methods": specs, "max_length": args.max_length, "seed": args.seed, "versions": versions()})
+    records: dict[str, list[ResultRecord]] = {}
     for role, triples in splits.items():  # the methods served by the cached base pass first
         t0 = time.time()
-        result[role] = evaluate_preferences(model, tok, triples, methods, args.max_length, cache=caches[role])
-        result[role]["seconds"] = round(time.time() - t0, 1)
+        records[role] = [replace(r, benchmark=f"pref:{role}") for r in
+                         evaluate_preferences(model, tok, triples, methods, args.max_length, cache=caches[role])]
+        result[role] = {"records": [r.to_json() for r in records[role]], "seconds": round(time.time() - t0, 1)}
         write_json(out, result)
-        print(markdown_table(result[role], role), flush=True)
+        print(markdown_table(records[role], role), flush=True)
     if not args.skip_prefix:  # a system prompt changes every token: a full pass per split
         for role in (args.harmless_role, "test_helpful"):
             res = evaluate_preferences(model, tok, splits[role], {"prompt-prefix": load_method("prompt-prefix")},
                                        args.max_length, cache=caches[role])
-            result[role]["methods"]["prompt-prefix"] = res["methods"]["prompt-prefix"]
+            records[role] += [replace(r, benchmark=f"pref:{role}") for r in res]
+            result[role]["records"] = [r.to_json() for r in records[role]]
             write_json(out, result)
-    out.with_suffix(".md").write_text("\n".join(markdown_table(result[r], r) for r in splits))
+    out.with_suffix(".md").write_text("\n".join(markdown_table(records[r], r) for r in splits))
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)

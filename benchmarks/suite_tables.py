@@ -12,8 +12,12 @@ import json
 from pathlib import Path
 
 from saealign._io import write_json
-from saealign.eval import percent_cell
-from saealign.eval.mc import mean_interval
+from saealign.results import format_estimate, read_results
+from saealign.stats import Estimate, mean_estimate
+
+
+def percent_cell(m: dict) -> str:
+    return format_estimate(Estimate.from_json(m), digits=1, scale=100)
 
 
 def delta(m: dict) -> str:
@@ -27,21 +31,20 @@ def mc_rows(suite: Path) -> list[dict]:
         base_path, dspa_path = suite / f"mc-{part}-base/results.json", suite / f"mc-{part}-dspa/results.json"
         if not (base_path.exists() and dspa_path.exists()):
             continue
-        base, dspa = json.loads(base_path.read_text()), json.loads(dspa_path.read_text())
-        paired = dspa["paired_vs_baseline"]["delta"]
-        for task, summary in base["tasks"].items():
-            for name, m in summary["metrics"].items():
-                rows.append({"task": task, "metric": name, "n": summary["n"], "available": summary["available"],
-                             "base": m, "dspa": dspa["tasks"][task]["metrics"][name],
-                             "delta": paired[f"{task}/{name}"], "seconds_base": summary["seconds"],
-                             "seconds_dspa": dspa["tasks"][task]["seconds"]})
+        (base,), (dspa,) = read_results(base_path), read_results(dspa_path)
+        for task, summary in base.details["tasks"].items():
+            for key in [k for k in base.metrics if k.startswith(f"{task}/")]:
+                rows.append({"task": task, "metric": key.split("/", 1)[1], "n": summary["n"],
+                             "available": summary["available"], "base": base.metrics[key].to_json(),
+                             "dspa": dspa.metrics[key].to_json(), "delta": dspa.deltas[key].to_json(),
+                             "seconds_base": summary["seconds"], "seconds_dspa": dspa.details["tasks"][task]["seconds"]})
     return rows
 
 
-def _expected_ratings(run: Path, result: dict) -> dict:
+def _expected_ratings(run: Path, result) -> dict:
     """(question, turn, choice) -> expected rating, from an MT-Bench likelihood-mode judgment file."""
-    path = run / "model_judgment" / Path(result.get("judgments", "none")).name
-    if result["benchmark"] != "mt-bench" or not path.exists():
+    path = run / "model_judgment" / Path(result.details.get("judgments", "none")).name
+    if result.benchmark != "mt-bench" or not path.exists():
         return {}
     records = [json.loads(line) for line in path.read_text().splitlines()]
     return {(j["question_id"], j["turn"], j["choice"]): j["expected_rating"] for j in records if "expected_rating" in j}
@@ -52,9 +55,9 @@ def paired_expected_rating(suite: Path) -> dict | None:
     ratings = []
     for method in ("base", "dspa"):
         path = suite / f"mt-bench-{method}/results.json"
-        ratings.append(_expected_ratings(path.parent, json.loads(path.read_text())) if path.exists() else {})
+        ratings.append(_expected_ratings(path.parent, read_results(path)[0]) if path.exists() else {})
     common = sorted(ratings[0].keys() & ratings[1].keys())
-    return mean_interval([ratings[1][k] - ratings[0][k] for k in common]) if len(common) > 1 else None
+    return mean_estimate([ratings[1][k] - ratings[0][k] for k in common]).to_json() if len(common) > 1 else None
 
 
 def generation_rows(suite: Path) -> list[dict]:
@@ -64,18 +67,15 @@ def generation_rows(suite: Path) -> list[dict]:
             path = suite / f"{bench}-{method}/results.json"
             if not path.exists():
                 continue
-            r = json.loads(path.read_text())
-            n = r.get("n_judgments") or 2 * r.get("n_instructions", 0)
+            (r,) = read_results(path)
+            n = r.details.get("n_judgments") or 2 * r.data["n"]
             expected = _expected_ratings(suite / f"{bench}-{method}", r)
-            rows.append({"benchmark": bench, "method": method, "judge": r.get("judge"),
-                         # runs from before --judge-mode existed were generative
-                         "judge_mode": r["config"].get("judge_mode", "generate"),
-                         "max_new_tokens": r["config"].get("max_new_tokens"),
-                         "metrics": {k: v for k, v in r["metrics"].items() if "/" not in k},
-                         "n_missing": r.get("n_missing"), "n_judged": n, "n_retried": r.get("n_retried"),
-                         "n_items": r.get("n_questions") or r.get("n_instructions"),
-                         "device": r.get("versions", {}).get("device"), "timings": r.get("timings"),
-                         **({"expected_rating": mean_interval(list(expected.values()))} if expected else {})})
+            rows.append({"benchmark": bench, "method": method, "judge": r.details.get("judge"),
+                         "judge_mode": r.config["judge_mode"], "max_new_tokens": r.config.get("max_new_tokens"),
+                         "metrics": {k: v.to_json() for k, v in r.metrics.items() if "/" not in k},
+                         "n_missing": r.details.get("n_missing"), "n_judged": n, "n_retried": r.details.get("n_retried"),
+                         "n_items": r.data["n"], "device": r.versions.get("device"), "timings": r.details.get("timings"),
+                         **({"expected_rating": mean_estimate(list(expected.values())).to_json()} if expected else {})})
     return rows
 
 
@@ -90,11 +90,9 @@ def markdown(mc: list[dict], gen: list[dict]) -> str:
                                             "|---|---|---|---|---|---|"]
         for r in gen:
             head = "score" if r["benchmark"] == "mt-bench" else "win_rate"
-            m = r["metrics"].get(head, {})
-            value = "–" if m.get("value") is None else f"{m['value']:.2f}" + (
-                f" ± {1.96 * m['se']:.2f}" if m.get("se") else "")
+            value = format_estimate(Estimate.from_json(r["metrics"][head]))
             extra = f" (LC {r['metrics']['lc_win_rate']['value']:.2f})" if r["benchmark"] == "alpaca-eval" else (
-                f"; expected rating {r['expected_rating']['value']:.3f} ± {1.96 * r['expected_rating']['se']:.3f}"
+                f"; expected rating {format_estimate(Estimate.from_json(r['expected_rating']), 3)}"
                 if "expected_rating" in r else "")
             lines.append(f"| {r['benchmark']} | {r['method']} | {r['n_items']} | {r['judge']} ({r['judge_mode']}) | "
                          f"{head} {value}{extra} | "

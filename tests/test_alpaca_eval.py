@@ -12,6 +12,7 @@ import pytest
 from saealign.eval.alpaca_eval import (AlpacaEvalConfig, judge_pairs, length_controlled_win_rate, load_outputs,
                                        load_template, parse_label, render_template, run_alpaca_eval, win_rate)
 from saealign.eval.judges import HFJudge, RewardModelJudge
+from saealign.results import read_results
 from test_judges import LABELS, Replay, reward_model_dir, tiny_chat  # noqa: F401  (reward_model_dir is a fixture)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "judge"
@@ -192,13 +193,15 @@ def test_run_files_metrics_and_cli(label_judge, smol_tokenizer, template_path, s
     for seed in (0, 1):
         outputs = json.loads((tmp_path / "run" / f"model_outputs-seed{seed}.json").read_text())
         assert len(outputs) == 3 and set(outputs[0]) == {"instruction", "output", "generator", "dataset"}
-    m = result["metrics"]
+    m = result.metrics
     per_instruction = {}
     for ann in annotations:
         per_instruction.setdefault(ann["index"], []).append(ann["preference"] - 1)
-    assert m["win_rate"]["value"] == pytest.approx(100 * np.mean([np.mean(v) for v in per_instruction.values()]))
-    assert m["lc_win_rate"]["value"] is not None and result["headline"] == ["win_rate", "lc_win_rate"]
-    assert result["counts"]["n_total"] == 6 and result["n_missing"] == 0
+    assert m["win_rate"].value == pytest.approx(100 * np.mean([np.mean(v) for v in per_instruction.values()]))
+    assert m["win_rate"].n == 3  # the instruction is the unit: its two seeds are resampled together
+    assert m["lc_win_rate"].value is not None and result.headline == ["win_rate", "lc_win_rate"]
+    assert m["lc_win_rate"].ci95[0] <= m["lc_win_rate"].value <= m["lc_win_rate"].ci95[1]
+    assert result.details["alpaca_eval"]["n_total"] == 6 and result.details["n_missing"] == 0
 
     from typer.testing import CliRunner
 
@@ -212,7 +215,7 @@ def test_run_files_metrics_and_cli(label_judge, smol_tokenizer, template_path, s
                                    str(template_path), "--out-dir", str(tmp_path / "cli"), "--model", str(model_dir),
                                    "--limit", "2", "--max-new-tokens", "3", "--judge", "self", "--no-progress"])
     assert out.exit_code == 0, out.output
-    assert json.loads((tmp_path / "cli" / "results.json").read_text())["n_instructions"] == 2
+    assert read_results(tmp_path / "cli" / "results.json")[0].data["n"] == 2
 
 
 def test_outputs_resume_from_a_partial_file(label_judge, smol_tokenizer, template_path, shared_data, tmp_path):

@@ -89,10 +89,10 @@ def test_balanced_accuracy_weights_each_half_equally():
     correct, base = np.array([1.0, 0, 0, 1]), np.array([0.0, 0, 0, 1])
     metrics, delta, headline = method_metrics(get_scorer("refuse_iff_harmful"), correct, base, kinds, ["a b c"] * 4,
                                               (4.0, 4), n_boot=100, seed=0)
-    assert metrics["balanced_accuracy"]["value"] == pytest.approx((1 / 3 + 1) / 2)  # plain accuracy is 1/2
-    assert metrics["refused_harmful"]["value"] == pytest.approx(1 / 3) and metrics["answered_benign"]["value"] == 1.0
-    assert delta["balanced_accuracy"]["value"] == pytest.approx((1 / 3) / 2)  # one more harmful refusal: half of 1/3
-    assert delta["answered_benign"]["value"] == 0.0 and metrics["perplexity"]["value"] == pytest.approx(np.e)
+    assert metrics["balanced_accuracy"].value == pytest.approx((1 / 3 + 1) / 2)  # plain accuracy is 1/2
+    assert metrics["refused_harmful"].value == pytest.approx(1 / 3) and metrics["answered_benign"].value == 1.0
+    assert delta["balanced_accuracy"].value == pytest.approx((1 / 3) / 2)  # one more harmful refusal: half of 1/3
+    assert delta["answered_benign"].value == 0.0 and metrics["perplexity"].value == pytest.approx(np.e)
     assert headline[:3] == ["balanced_accuracy", "refused_harmful", "answered_benign"]
     assert balance_weights(kinds) == pytest.approx([2 / 3, 2 / 3, 2 / 3, 2.0])
     with pytest.raises(ValueError, match="both kinds"):
@@ -100,15 +100,15 @@ def test_balanced_accuracy_weights_each_half_equally():
 
 
 def test_paired_delta_uses_the_pairing():
-    from saealign.eval.attribute_bench import paired_delta
+    from saealign.stats import paired_difference  # what method_metrics uses for the deltas to base
 
     rng = np.random.default_rng(0)
     base = rng.normal(0, 10, size=200)  # large per-prompt spread shared by both methods
-    same_shift = paired_delta(base + 0.1, base, n_boot=500, seed=0)
-    assert same_shift["value"] == pytest.approx(0.1) and same_shift["ci95"] == pytest.approx([0.1, 0.1])
-    noise = paired_delta(base + rng.choice([-1.0, 1.0], size=200), base, n_boot=500, seed=0)
-    assert noise["ci95"][0] < 0 < noise["ci95"][1]  # no effect: the interval covers 0
-    assert noise["ci95"][1] - noise["ci95"][0] < 0.5  # and is set by the +-1 differences, not the spread of 10
+    same_shift = paired_difference(base + 0.1, base, n_boot=500, seed=0)
+    assert same_shift.value == pytest.approx(0.1) and same_shift.ci95 == pytest.approx([0.1, 0.1])
+    noise = paired_difference(base + rng.choice([-1.0, 1.0], size=200), base, n_boot=500, seed=0)
+    assert noise.ci95[0] < 0 < noise.ci95[1]  # no effect: the interval covers 0
+    assert noise.ci95[1] - noise.ci95[0] < 0.5  # and is set by the +-1 differences, not the spread of 10
 
 
 def test_pick_best_worst_ties_and_margin():
@@ -239,11 +239,11 @@ def test_eval_attributes_records_resume_and_report(tiny, tmp_path, monkeypatch):
     cfg = dict(output=str(tmp_path / "ev"), scorer="refuse_iff_harmful", sources=[f"harmful={harmful}", f"benign={benign}"],
                methods=["base", "pp=prompt-prefix"], max_new_tokens=5, n_boot=200)
     result = run_attribute_eval(AttributeEvalConfig(**cfg), model, tok, progress=False)
-    base, pp = result["records"]
-    assert base["metrics"]["refused_harmful"]["n"] == 5 and base["metrics"]["answered_benign"]["n"] == 4
-    assert base["paired_vs_baseline"]["delta"]["balanced_accuracy"]["value"] == 0.0
-    assert base["metrics"]["perplexity"]["value"] > 1 and pp["metrics"]["distinct_2"]["value"] >= 0
-    assert {r["method"] for r in load_results([tmp_path / "ev"])} == {"base", "pp"}
+    base, pp = result
+    assert base.metrics["refused_harmful"].n == 5 and base.metrics["answered_benign"].n == 4
+    assert base.deltas["balanced_accuracy"].value == 0.0 and pp.baseline == "base"
+    assert base.metrics["perplexity"].value > 1 and pp.metrics["distinct_2"].value >= 0
+    assert {r.method for _, r in load_results([tmp_path / "ev"])} == {"base", "pp"}
     assert (tmp_path / "ev" / "deltas.png").stat().st_size > 0
     assert "Δ balanced_accuracy" in (tmp_path / "ev" / "results.md").read_text()
 
@@ -252,7 +252,7 @@ def test_eval_attributes_records_resume_and_report(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(generation, "generate_chat", no_generation)
     again = run_attribute_eval(AttributeEvalConfig(**cfg), model, tok, progress=False)
-    assert again["records"][1]["metrics"] == pp["metrics"]
+    assert again[1].metrics == pp.metrics
     with pytest.raises(ValueError, match="answers of another method"):  # same name, other method: not reused
         run_attribute_eval(AttributeEvalConfig(**{**cfg, "methods": ["base", "pp=prompt-prefix:Be brief."]}), model, tok,
                            progress=False)
@@ -271,11 +271,13 @@ def _synthetic(n: int, seed: int, m_in: int = 40, m_out: int = 30):
 
 
 def _map(g: torch.Tensor, delta: torch.Tensor):
-    from saealign.dspa.map import DSPAMap, SparseSum
+    from saealign.dspa.map import DSPAMap, FitOptions, MapMetadata, SparseSum
 
     a_sum = SparseSum(g.shape[1], delta.shape[1])
     a_sum.add_outer(g, delta)  # what fit_map accumulates per batch
-    return DSPAMap(a_sum, g.sum(0).double(), len(g), {"threshold": 0.0})
+    meta = MapMetadata(model="synthetic", l_in=0, l_out=1, sae_in={}, sae_out={}, m_in=g.shape[1], m_out=delta.shape[1],
+                       options=FitOptions(), data_fingerprint="synthetic")
+    return DSPAMap(a_sum, g.sum(0).double(), len(g), meta)
 
 
 def test_map_signal_real_vs_shuffled_labels():
@@ -315,11 +317,14 @@ def test_harmless_roles_follow_splits_md(shared_data):
         select_triples(shared_data, "harmless")
 
 
-def test_report_reads_a_file_of_records():
-    from saealign.eval.report import as_records
+def test_report_reads_a_file_of_records(tmp_path):
+    from saealign.eval.report import load_results
+    from saealign.results import ResultRecord, write_results
+    from saealign.stats import Estimate
 
-    record = {"benchmark": "attr:x", "method": "base", "metrics": {"x": {"value": 1.0, "se": None}}}
-    assert as_records({"benchmark": "attr:x", "records": [record, {"not": "a record"}]}) == [record]
+    records = [ResultRecord("attr:x", m, {"x": Estimate(1.0)}, ["x"], {}) for m in ("base", "pp")]
+    path = write_results(tmp_path / "results.json", records)
+    assert load_results([path]) == [(path, r) for r in records]
 
 
 def test_load_prompts_excludes_seen_texts_and_long_prompts(tmp_path):

@@ -58,7 +58,7 @@ def test_errors_are_named(tmp_path):
 
 
 def test_method_entries_name_columns_and_keep_paths_whole():
-    from saealign.cli.eval_pref_cmd import split_method_entry
+    from saealign.steering import split_method_entry
 
     assert split_method_entry("DSPA=dspa:runs/map") == ("DSPA", "dspa:runs/map")
     assert split_method_entry("dspa:runs/a=b") == ("", "dspa:runs/a=b")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import CharTok as _CharTok, build_tiny, char_triples as _triples
-from saealign.dspa import DSPA, DSPAMap, FitOptions, StaticSAE, SteerConfig, fit_map, merge_maps
+from saealign.dspa import DSPA, DSPAMap, FitOptions, MapMetadata, StaticSAE, SteerConfig, fit_map, merge_maps
 from saealign.dspa.map import SparseSum
 from saealign.dspa.steer import edit_latents, select_latents
 from saealign.hooks import read_residuals
@@ -225,7 +225,9 @@ def test_dense_and_sparse_storage_roundtrip(tmp_path):
         g = torch.relu(torch.randn(4, 30)) * (torch.rand(4, 30) < density)
         d = torch.randn(4, 20) * (torch.rand(4, 20) < density)
         acc.add_outer(g, d)
-        m = DSPAMap(acc, g.sum(0).double(), 4, {"kind": "dspa_map", "m_in": 30, "m_out": 20})
+        meta = MapMetadata(model="tiny", l_in=1, l_out=2, sae_in={"d_sae": 30}, sae_out={"d_sae": 20}, m_in=30,
+                           m_out=20, options=FitOptions(), data_fingerprint="abc")
+        m = DSPAMap(acc, g.sum(0).double(), 4, meta)
         m.save(tmp_path / str(density))
         loaded = DSPAMap.load(tmp_path / str(density))
         torch.testing.assert_close(loaded.a_sum.dense(), acc.dense())

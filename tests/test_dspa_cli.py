@@ -50,7 +50,7 @@ def test_fit_info_merge_generate_eval(tiny_setup, tmp_path):
     res = runner.invoke(app, _fit_args(tiny_setup, tmp_path / "map"))
     assert res.exit_code == 0, res.output
     m = DSPAMap.load(tmp_path / "map")
-    assert m.count == 24 and m.config["model"] == str(tiny_setup / "model")
+    assert m.count == 24 and m.meta.model == str(tiny_setup / "model")
     res = runner.invoke(app, ["dspa", "info", str(tmp_path / "map")])
     assert res.exit_code == 0 and "most negative" in res.output
     res = runner.invoke(app, ["dspa", "merge", str(tmp_path / "map"), str(tmp_path / "map"), "--allow-overlap",

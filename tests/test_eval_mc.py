@@ -13,6 +13,8 @@ from conftest import build_tiny, tiny_config
 from saealign.eval import mc
 from saealign.eval.mc_tasks.lm_eval_peer import lm_eval_aggregate
 from saealign.hooks import edit_residual
+from saealign.results import read_results
+from saealign.stats import mean_estimate
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -178,15 +180,15 @@ def test_item_metrics():
     assert mc.item_metrics("winogrande", tie, [-1.0, -1.0]) == {"acc": 0.0}  # ties go to the first choice
 
 
-def test_mean_interval_and_paired_difference():
+def test_task_estimates_and_paired_deltas():
     values = [1.0, 0.0, 1.0, 1.0]
-    m = mc.mean_interval(values)
+    m = mean_estimate(values)  # what evaluate_task reports per metric
     se = math.sqrt(sum((v - 0.75) ** 2 for v in values) / 3 / 4)
-    assert m["value"] == 0.75 and m["se"] == pytest.approx(se) and m["ci95"][1] - m["ci95"][0] == pytest.approx(2 * 1.96 * se)
-    base = {"items": {"winogrande": [{"id": str(i), "acc": v} for i, v in enumerate(values)]}}
-    other = {"items": {"winogrande": [{"id": str(i), "acc": 1.0} for i in range(4)][::-1]}}
-    delta = mc.paired_difference(other, base)["winogrande/acc"]
-    assert delta["value"] == 0.25 and delta["n"] == 4
+    assert m.value == 0.75 and m.se == pytest.approx(se) and 0 <= m.ci95[0] < 0.75 < m.ci95[1] <= 1
+    base = {"winogrande": [{"id": str(i), "acc": v} for i, v in enumerate(values)]}
+    other = {"winogrande": [{"id": str(i), "acc": 1.0} for i in range(4)][::-1]}  # matched by id, not order
+    delta = mc.paired_deltas(other, base)["winogrande/acc"]
+    assert delta.value == 0.25 and delta.n == 4
 
 
 def test_stratified_subset_is_proportional_seeded_and_ordered():
@@ -291,7 +293,7 @@ def test_peer_check_against_lm_eval(peer_run, task):
         assert {k: record[k] for k in mc.get_task(task).metrics} == pytest.approx(mc.item_metrics(task, item, ref), abs=1e-4)
     # lm-eval's own aggregates (its process_results, MMLU pooled over subject tasks) within 0.5 points
     for name, value in ours[task]["summary"]["metrics"].items():
-        assert abs(value["value"] - lm_eval_aggregate(reference["results"], task, name)) <= 0.005, name
+        assert abs(value.value - lm_eval_aggregate(reference["results"], task, name)) <= 0.005, name
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -310,13 +312,14 @@ def test_cli_eval_mc_writes_results_and_paired_deltas(shared_data, smol_tokenize
             "--data-dir", str(shared_data), "--batch-size", "4"]
     first = CliRunner().invoke(app, [*args, "--out-dir", str(tmp_path / "a")])
     assert first.exit_code == 0, first.output
-    result = json.loads((tmp_path / "a" / "results.json").read_text())
-    assert result["benchmark"] == "mc" and result["headline"] == ["arc_easy/acc_norm", "winogrande/acc"]
-    assert result["tasks"]["arc_easy"]["n"] == 3 and len(result["items"]["winogrande"]) == 3
-    assert result["config"]["limit"] == 3 and "torch" in result["versions"]
+    (result,) = read_results(tmp_path / "a" / "results.json")
+    assert result.benchmark == "mc" and result.headline == ["arc_easy/acc_norm", "winogrande/acc"]
+    assert result.details["tasks"]["arc_easy"]["n"] == 3 and len(result.details["items"]["winogrande"]) == 3
+    assert result.config["limit"] == 3 and "torch" in result.versions
     second = CliRunner().invoke(app, [*args, "--out-dir", str(tmp_path / "b"), "--baseline", str(tmp_path / "a" / "results.json")])
     assert second.exit_code == 0, second.output
-    delta = json.loads((tmp_path / "b" / "results.json").read_text())["paired_vs_baseline"]["delta"]
-    assert delta["arc_easy/acc"]["value"] == 0.0 and delta["winogrande/acc"]["n"] == 3
+    (steered,) = read_results(tmp_path / "b" / "results.json")
+    delta = steered.deltas
+    assert delta["arc_easy/acc"].value == 0.0 and delta["winogrande/acc"].n == 3 and steered.baseline == result.method
     bad = CliRunner().invoke(app, ["eval", "mc", "--tasks", "nope"])
     assert bad.exit_code == 2 and "error: " in bad.output and "unknown multiple-choice task" in bad.output

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 import saealign.cli.fpo_cmd  # noqa: F401  (registers the fpo commands)
 from conftest import build_tiny
 from saealign.cli import app
+from saealign.results import read_results
 from test_fpo_support import tiny_sae, tiny_tokenizer
 
 TEMPLATE = ("{% for m in messages %}{{ 't3 ' + m['content'] + ' t4 ' }}{% endfor %}"
@@ -53,11 +54,11 @@ def test_cache_train_eval_round_trip(workspace):
     invoke("fpo", "eval", "--model", str(out), "--reference", str(workspace / "base"), "--data",
            str(workspace / "pairs.jsonl"), "--sae", str(workspace / "sae"), "--device", "cpu", "--no-show-progress",
            "--output", str(result_path))
-    record = json.loads(result_path.read_text())
-    metrics = record["metrics"]
-    assert record["n_pairs"] == 8
-    assert 0 <= metrics["preference_accuracy"]["ci95"][0] <= metrics["preference_accuracy"]["value"]
-    assert metrics["kl_to_reference"]["value"] > 0 and metrics["feature_mse"]["value"] > 0
+    (record,) = read_results(result_path)
+    metrics = record.metrics
+    assert record.data["n"] == 8
+    assert 0 <= metrics["pref_acc_norm"].ci95[0] <= metrics["pref_acc_norm"].value
+    assert metrics["kl_to_reference"].value > 0 and metrics["feature_mse"].value > 0
 
     from saealign.models import load_model
 
@@ -70,10 +71,11 @@ def test_eval_of_the_reference_against_itself_is_zero_distance(workspace):
     invoke("fpo", "eval", "--model", str(workspace / "base"), "--reference", str(workspace / "base"), "--data",
            str(workspace / "pairs.jsonl"), "--sae", str(workspace / "sae"), "--device", "cpu", "--no-show-progress",
            "--output", str(result_path))
-    metrics = json.loads(result_path.read_text())["metrics"]
-    assert abs(metrics["kl_to_reference"]["value"]) < 1e-6
-    assert metrics["feature_mse"]["value"] == 0.0
-    assert metrics["reward_accuracy"]["value"] == 0.0  # ties count as wrong
+    metrics = read_results(result_path)[0].metrics
+    assert abs(metrics["kl_to_reference"].value) < 1e-6
+    assert metrics["feature_mse"].value == 0.0
+    # every pair ties (reward 0 on both responses): one half each, as in `eval pref`
+    assert metrics["reward_acc"].value == 0.5 and metrics["reward_tie_rate"].value == 1.0
 
 
 def test_missing_data_is_a_usage_error(workspace):

@@ -10,6 +10,7 @@ import pytest
 from saealign.eval.mt_bench import (MISSING, MTBenchConfig, TEMPERATURE_BY_CATEGORY, build_judge_prompt,
                                     generate_answers, judge_answers, judge_prompt_name, load_judge_prompts,
                                     load_questions, load_reference_answers, parse_rating, run_mt_bench, summarize)
+from saealign.results import read_results
 from test_judges import Replay, tiny_chat
 
 FIXTURES = Path(__file__).parent / "fixtures" / "judge"
@@ -123,13 +124,14 @@ def test_summary_drops_missing_and_averages_like_fastchat():
     s = summarize(rows)
     m = s["metrics"]
     assert s["n_missing"] == 1 and s["n_judgments"] == 6
-    assert m["score"]["value"] == pytest.approx((8 + 6 + 4 + 2 + 3) / 5)
-    assert m["turn1"]["value"] == pytest.approx(14 / 3) and m["turn2"]["value"] == pytest.approx(4.5)
-    assert m["category/writing"]["value"] == pytest.approx(6) and m["category/writing/turn2"]["value"] == 6
+    assert m["score"].value == pytest.approx((8 + 6 + 4 + 2 + 3) / 5)
+    assert m["turn1"].value == pytest.approx(14 / 3) and m["turn2"].value == pytest.approx(4.5)
+    assert m["category/writing"].value == pytest.approx(6) and m["category/writing/turn2"].value == 6
     per_question = [7, 4, 2.5]  # SE over questions of their mean scores
     mean = sum(per_question) / 3
     se = (sum((x - mean) ** 2 for x in per_question) / 2 / 3) ** 0.5
-    assert m["score"]["se"] == pytest.approx(se)
+    assert m["score"].se == pytest.approx(se)
+    assert m["score"].n == 3 and m["score"].ci95[0] < m["score"].value < m["score"].ci95[1]  # questions resampled
 
 
 def _fake_data_dir(mt, tmp_path):
@@ -152,17 +154,17 @@ def test_run_writes_fastchat_files_and_resumes(mt, model, smol_tokenizer, tmp_pa
     assert len(answers) == 3 and len(judgments) == 6
     assert set(judgments[0]) >= {"question_id", "model", "judge", "user_prompt", "judgment", "score", "turn", "tstamp"}
     # a random tiny judge never writes a rating: all missing, counted, and no score invented
-    assert result["n_missing"] == 6 and result["metrics"]["score"]["value"] is None
-    assert result["benchmark"] == "mt-bench" and result["method"] == "tiny" and "torch" in result["versions"]
-    saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert saved["config"]["max_new_tokens"] == 4 and (tmp_path / "run" / "config.json").exists()
+    assert result.details["n_missing"] == 6 and result.metrics["score"].value is None
+    assert result.benchmark == "mt-bench" and result.method == "tiny" and "torch" in result.versions
+    (saved,) = read_results(tmp_path / "run" / "results.json")
+    assert saved.config["max_new_tokens"] == 4 and (tmp_path / "run" / "config.json").exists()
 
     # resume: answers are reused (same answer ids) and judgments come from the cache
     cache = tmp_path / "run" / "judge_cache.sqlite"
     before = cache.stat().st_mtime_ns
     again = run_mt_bench(cfg, model=model, tokenizer=smol_tokenizer)
     assert (tmp_path / "run" / "model_answer" / "tiny.jsonl").read_text().splitlines() == answers
-    assert "generate_s" not in again["timings"] and cache.stat().st_mtime_ns == before
+    assert "generate_s" not in again.details["timings"] and cache.stat().st_mtime_ns == before
     # other generation settings must not be mixed into the same run directory
     with pytest.raises(ValueError, match=r"\['max_new_tokens'\].*new out_dir"):
         run_mt_bench(MTBenchConfig(**{**cfg.__dict__, "max_new_tokens": 5}), model=model, tokenizer=smol_tokenizer)
@@ -183,8 +185,8 @@ def test_cli(mt, model, smol_tokenizer, tmp_path):
                                    "--judge", "self", "--judge-max-tokens", "3", "--seeds", "0", "--seeds", "1",
                                    "--no-progress"])
     assert out.exit_code == 0, out.output
-    result = json.loads((tmp_path / "cli" / "results.json").read_text())
-    assert result["n_questions"] == 2 and result["config"]["seeds"] == [0, 1] and result["n_judgments"] == 8
+    (result,) = read_results(tmp_path / "cli" / "results.json")
+    assert result.data["n"] == 2 and result.config["seeds"] == [0, 1] and result.details["n_judgments"] == 8
     missing = CliRunner().invoke(app, ["eval", "mt-bench", "--out-dir", str(tmp_path)])
     assert missing.exit_code != 0 and "--data-dir" in missing.output
 
@@ -202,7 +204,7 @@ def test_likelihood_judge_mode_rates_every_answer_by_the_most_likely_rating(mt, 
     result = run_mt_bench(cfg, model=model, tokenizer=smol_tokenizer)
     judgments = [json.loads(x) for x in
                  (tmp_path / "run" / "model_judgment" / "tiny-chat-4_single.jsonl").read_text().splitlines()]
-    assert result["n_missing"] == 0 and len(judgments) == 6 and result["metrics"]["score"]["value"] is not None
+    assert result.details["n_missing"] == 0 and len(judgments) == 6 and result.metrics["score"].value is not None
     prompts = load_judge_prompts(mt / "judge_prompts.jsonl")
     renderer = HFJudge(model, smol_tokenizer)
     for j in judgments:

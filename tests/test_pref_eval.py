@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import CharTok, char_triples
-from saealign.eval.pref import SequenceScores, bootstrap_ci, preference_metrics
+from saealign.eval.pref import SequenceScores, preference_metrics
+from saealign.stats import mean_estimate
 
 
 def _scores(c, r, lc=None, lr=None):
@@ -17,24 +18,25 @@ def test_preference_and_reward_accuracy_by_hand():
     base = _scores([-10, -10, -10, -10], [-12, -8, -10, -10])
     method = _scores([-9, -10, -10, -11], [-12, -9, -10, -10])
     m = preference_metrics(method, base, n_boot=200)
-    assert m["pref_acc_sum"]["value"] == pytest.approx(0.25)  # only row 0: -9 > -12
+    # row 0 wins (-9 > -12), row 2 ties (-10 = -10: one half, the one tie rule), rows 1 and 3 lose
+    assert m["pref_acc_sum"].value == pytest.approx(0.375)
     # rewards r = method - base: chosen [1, 0, 0, -1], rejected [0, -1, 0, 0]
     # row0 win, row1 win, row2 tie (0.5), row3 loss -> 2.5 / 4
-    assert m["reward_acc"]["value"] == pytest.approx(0.625)
-    assert m["reward_tie_rate"]["value"] == pytest.approx(0.25)
-    assert m["reward_margin"]["value"] == pytest.approx(np.mean([1, 1, 0, -1]))
+    assert m["reward_acc"].value == pytest.approx(0.625)
+    assert m["reward_tie_rate"].value == pytest.approx(0.25)
+    assert m["reward_margin"].value == pytest.approx(np.mean([1, 1, 0, -1]))
 
 
 def test_length_normalised_differs_from_sum():
     s = _scores([-10.0], [-6.0], lc=[10], lr=[2])  # sum prefers rejected, per-token prefers chosen
     m = preference_metrics(s, None, n_boot=50)
-    assert m["pref_acc_sum"]["value"] == 0.0 and m["pref_acc_norm"]["value"] == 1.0
+    assert m["pref_acc_sum"].value == 0.0 and m["pref_acc_norm"].value == 1.0
     assert "reward_acc" not in m
 
 
 def test_bootstrap_interval_covers_mean():
     values = (np.random.default_rng(0).random(400) < 0.6).astype(float)
-    lo, hi = bootstrap_ci(values, 1000)
+    lo, hi = mean_estimate(values, 1000).ci95
     assert lo < values.mean() < hi and hi - lo < 0.15
 
 

@@ -64,7 +64,7 @@ def test_rerun_into_finished_output_with_other_options_is_refused(tmp_path):
     fresh = _fit(triples, other, checkpoint_dir=tmp_path, overwrite=True)
     clean = _fit(triples, other)
     torch.testing.assert_close(fresh.a_sum.dense(), clean.a_sum.dense())
-    assert DSPAMap.load(tmp_path).config["options"]["stat"] == "mean"
+    assert DSPAMap.load(tmp_path).meta.options.stat == "mean"
 
 
 def test_interrupted_fit_resumed_with_other_options_is_refused(tmp_path, monkeypatch):
@@ -93,7 +93,7 @@ def test_fit_seconds_cover_every_segment(tmp_path, monkeypatch):
         _fit(char_triples(12), checkpoint_dir=tmp_path, checkpoint_every=4)  # 1 batch done and checkpointed
     monkeypatch.setattr(map_mod, "fit_batch", slow_batch)
     resumed = _fit(char_triples(12), checkpoint_dir=tmp_path, checkpoint_every=4)  # 2 more batches
-    assert resumed.config["fit_seconds"] == 30.0
+    assert resumed.meta.fit_seconds == 30.0
 
 
 # -- case 2: a checkpoint's tensors and config are one atomic step --------------------------------------
@@ -187,11 +187,11 @@ def test_model_known_by_weights_not_by_name(tmp_path):
     same.config.saealign_model_id = "/elsewhere/tiny-llama"
     dspa_map.check_compatible(same)  # the same weights by another path
     other = build_tiny("llama", seed=1)  # same name and shapes, other weights
-    assert model_fingerprint(other) != model_fingerprint(same) == dspa_map.config["model_fingerprint"]
+    assert model_fingerprint(other) != model_fingerprint(same) == dspa_map.meta.model_fingerprint
     with pytest.raises(ValueError, match=r"model: map was fitted on 'tiny-llama' \(weights \w+\), got 'tiny-llama'"):
         dspa_map.check_compatible(other)
     same.to(torch.bfloat16)
-    assert model_fingerprint(build_tiny("llama").to(torch.bfloat16)) == dspa_map.config["model_fingerprint"]
+    assert model_fingerprint(build_tiny("llama").to(torch.bfloat16)) == dspa_map.meta.model_fingerprint
     RepE.from_map(dspa_map).save(tmp_path / "repe")
     with pytest.raises(ValueError, match="RepE vector was fitted on 'tiny-llama'"):
         RepE.load(tmp_path / "repe", model=other)
@@ -291,7 +291,7 @@ def test_cli_fit_overwrite_and_merge(tiny_dir, tmp_path):
     assert res.exit_code == 2 and "stat 'density' there, 'mean' now" in res.output, res.output
     res = runner.invoke(app, args + ["--stat", "mean", "--max-length", "64", "--overwrite"])
     assert res.exit_code == 0, res.output
-    assert DSPAMap.load(out).config["options"]["stat"] == "mean" and not (out / "partial").exists()
+    assert DSPAMap.load(out).meta.options.stat == "mean" and not (out / "partial").exists()
     res = runner.invoke(app, args + ["--stat", "foo"])
     assert res.exit_code == 2 and "--stat must be one of density, mean" in res.output, res.output
     res = runner.invoke(app, ["dspa", "merge", str(out), str(out), "--output", str(tmp_path / "double")])

@@ -6,9 +6,19 @@ import json
 
 import pytest
 
-from saealign._io import write_json
-from saealign.eval import metric, result_record, select_subset
+from saealign.eval import select_subset
 from saealign.eval.report import deltas, load_results, markdown_table, write_report
+from saealign.results import ResultRecord, read_results, write_results
+from saealign.stats import Estimate
+
+
+def metric(value, se):
+    """An estimate whose interval is value +- 2 se (what the report shows is the interval it is given)."""
+    return Estimate(value, (value - 2 * se, value + 2 * se), se, 100)
+
+
+def result_record(benchmark, method, metrics, headline, config, **fields):
+    return ResultRecord(benchmark, method, metrics, headline, config, **fields)
 
 
 def _mt(method, score, se):
@@ -32,8 +42,8 @@ def runs(tmp_path):
     files = {"base/mt/results.json": _mt("base", 5.0, 0.2), "base/ae/results.json": _ae("base", 10.0, 12.0),
              "base/mmlu_results.json": _mc("base", 0.30), "dspa/mt/results.json": _mt("dspa", 5.6, 0.3),
              "dspa/ae/results.json": _ae("dspa", 14.0, 13.0), "dspa/mmlu_results.json": _mc("dspa", 0.29)}
-    for name, payload in files.items():
-        write_json(tmp_path / name, payload)
+    for name, record in files.items():
+        write_results(tmp_path / name, [record])
     (tmp_path / "base" / "mt" / "config.json").write_text("{}")  # not a result: skipped
     return [tmp_path / "base", tmp_path / "dspa"]
 
@@ -45,21 +55,23 @@ def test_table_has_methods_by_benchmarks_with_intervals(runs):
     # columns in the order the files are found (sorted paths)
     assert table[0] == ("| method | alpaca-eval win_rate | alpaca-eval lc_win_rate | mmlu acc | mt-bench score | "
                         "mt-bench turn1 | mt-bench turn2 |")
-    assert table[2] == "| base | 10.00 ± 2.94 | 12.00 ± 3.92 | 0.30 ± 0.02 | 5.00 ± 0.39 | 5.50 ± 0.39 | 4.50 ± 0.39 |"
-    assert table[3].startswith("| dspa | 14.00 ± 2.94 |")
+    assert table[2] == ("| base | 10.00 [7.00, 13.00] | 12.00 [8.00, 16.00] | 0.30 [0.28, 0.32] | 5.00 [4.60, 5.40] | "
+                        "5.50 [5.10, 5.90] | 4.50 [4.10, 4.90] |")
+    assert table[3].startswith("| dspa | 14.00 [11.00, 17.00] |")
 
 
 def test_deltas_against_the_baseline(runs):
     table = deltas(load_results(runs), "base")
-    d, se = table["dspa"]["alpaca-eval win_rate"]
-    assert d == pytest.approx(4.0) and se == pytest.approx((1.5 ** 2 + 1.5 ** 2) ** 0.5)
-    assert table["dspa"]["mmlu acc"][0] == pytest.approx(-0.01) and "base" not in table
+    d = table["dspa"]["alpaca-eval win_rate"]
+    assert d.value == pytest.approx(4.0) and d.se == pytest.approx((1.5 ** 2 + 1.5 ** 2) ** 0.5)
+    assert d.ci95 is None  # different units: no interval
+    assert table["dspa"]["mmlu acc"].value == pytest.approx(-0.01) and "base" not in table
 
 
 def test_report_files_and_cli(runs, tmp_path):
     path = write_report(runs, tmp_path / "out", baseline="base")
     text = path.read_text()
-    assert "| dspa | alpaca-eval win_rate | 4.00 ± 4.16 |" in text
+    assert "| dspa | alpaca-eval win_rate | 4.00 (SE 2.12) |" in text
     for png in ("mt_bench_categories.png", "deltas.png"):
         data = (tmp_path / "out" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000 and f"]({png})" in text
@@ -83,10 +95,14 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"accuracy": 0.5}))
     with pytest.raises(ValueError, match="no saealign result files"):
         load_results([tmp_path])
+    with pytest.raises(ValueError, match="not a saealign result file"):
+        load_results([tmp_path / "results.json"])  # named explicitly: refused, not skipped
     with pytest.raises(FileNotFoundError):
         load_results([tmp_path / "missing"])
     with pytest.raises(ValueError, match="headline"):
-        result_record("x", "m", {"a": metric(1)}, ["b"], {})
+        result_record("x", "m", {"a": metric(1, 0.1)}, ["b"], {})
+    with pytest.raises(ValueError, match="baseline"):
+        result_record("x", "m", {"a": metric(1, 0.1)}, ["a"], {}, deltas={"a": metric(0, 0.1)})
 
 
 def test_select_subset_is_seeded_and_ordered():
@@ -98,21 +114,32 @@ def test_select_subset_is_seeded_and_ordered():
 
 def test_files_of_one_method_and_benchmark_merge(tmp_path):
     """MC tasks run in two invocations under one method name: both tasks reach the table."""
-    write_json(tmp_path / "a.results.json", result_record("mc", "base", {"arc/acc": metric(0.5, 0.01)}, ["arc/acc"], {}))
-    write_json(tmp_path / "b.results.json", result_record("mc", "base", {"mmlu/acc": metric(0.3, 0.01)}, ["mmlu/acc"], {}))
+    write_results(tmp_path / "a.results.json", [result_record("mc", "base", {"arc/acc": metric(0.5, 0.01)}, ["arc/acc"], {})])
+    write_results(tmp_path / "b.results.json", [result_record("mc", "base", {"mmlu/acc": metric(0.3, 0.01)}, ["mmlu/acc"], {})])
     table = markdown_table(load_results([tmp_path])).splitlines()
     assert table[0] == "| method | mc arc/acc | mc mmlu/acc |"
-    assert table[2] == "| base | 0.50 ± 0.02 | 0.30 ± 0.02 |"
+    assert table[2] == "| base | 0.50 [0.48, 0.52] | 0.30 [0.28, 0.32] |"
 
 
 def test_deltas_use_paired_differences_and_merged_headlines(tmp_path):
     base = [result_record("mc", "base", {f"{t}/acc": metric(0.5, 0.02)}, [f"{t}/acc"], {}) for t in ("arc", "mmlu")]
     steered = [result_record("mc", "dspa", {f"{t}/acc": metric(0.51, 0.02)}, [f"{t}/acc"], {},
-                             paired_vs_baseline={"delta": {f"{t}/acc": {"value": 0.01, "se": 0.001}}})
+                             baseline="base", deltas={f"{t}/acc": metric(0.01, 0.001)})
                for t in ("arc", "mmlu")]
     for i, r in enumerate(base + steered):
-        write_json(tmp_path / f"{i}.results.json", r)
+        write_results(tmp_path / f"{i}.results.json", [r])
     table = deltas(load_results([tmp_path]), "base")["dspa"]
     assert set(table) == {"mc arc/acc", "mc mmlu/acc"}  # the second file's headline is not lost
-    d, se = table["mc mmlu/acc"]
-    assert d == pytest.approx(0.01) and se == pytest.approx(0.001)  # paired, not hypot(0.02, 0.02)
+    d = table["mc mmlu/acc"]
+    assert d.value == pytest.approx(0.01) and d.se == pytest.approx(0.001)  # paired, not hypot(0.02, 0.02)
+    assert d.ci95 == pytest.approx((0.008, 0.012))
+
+
+def test_record_json_round_trip(tmp_path):
+    record = result_record("pref:validation", "dspa", {"reward_acc": metric(0.6, 0.02), "words": Estimate(12.5)},
+                           ["reward_acc"], {"n_boot": 2000}, data={"n": 100, "role": "validation"}, baseline="base",
+                           deltas={"reward_acc": metric(0.1, 0.01)}, details={"judge": None})
+    path = write_results(tmp_path / "results.json", [record, record])
+    assert read_results(path) == [record, record]
+    assert json.loads(path.read_text())["records"][0]["metrics"]["words"] == {"value": 12.5, "ci95": None, "se": None,
+                                                                           "n": None}

@@ -141,3 +141,6 @@ def test_evaluate_sae_splice(tmp_path):
     res = evaluate_sae(identity_like, model, Tok(), texts, progress=False)
     assert res.tokens > 0 and res.excluded_tokens >= len(texts)
     assert res.loss_spliced != res.loss_clean and res.fvu > 0
+    estimates = res.estimates()  # the result record's metrics: pooled figures, no interval
+    assert estimates["loss_increase"].value == pytest.approx(res.loss_increase) and estimates["fvu"].ci95 is None
+    assert "loss_zero_ablated" not in estimates and estimates["l0"].n == res.tokens

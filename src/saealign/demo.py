@@ -20,12 +20,15 @@ from rich.markdown import Markdown
 from rich.table import Table
 
 from saealign.config import check_config
+from saealign.steering import LatentSteering
 
 DEMO_DATA = Path(__file__).resolve().parent / "resources" / "demo_preferences.jsonl"
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(LatentSteering):
+    """The demo's data and output, and the steering knobs (the paper's defaults unless given)."""
+
     data: str = field(default=str(DEMO_DATA), metadata={"help": "Preference triples (default: the built-in demonstration set)."})
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "Model alias, local directory or hub id."})
     sae_in: str = field(default="default:in", metadata={"help": "SAE read at the input (prompt) layer."})
@@ -34,9 +37,6 @@ class DemoConfig:
                                                    "gt": 0, "lt": 1})
     show: int = field(default=3, metadata={"help": "Held-out prompts to answer base vs steered.", "ge": 1})
     max_new_tokens: int = field(default=80, metadata={"help": "Tokens generated per answer.", "ge": 1})
-    alpha: float = field(default=0.2, metadata={"help": "Edit strength (a fraction of the token's largest latent).", "ge": 0})
-    k_prompt: int = field(default=32, metadata={"help": "Prompt latents kept for the map's scores.", "ge": 1})
-    k_diff: int = field(default=16, metadata={"help": "Output latents selected per prompt.", "ge": 1})
     output: str = field(default="runs/demo", metadata={"help": "Where the fitted map and results are written."})
     seed: int = field(default=0, metadata={"help": "Seed of the held-out split."})
 
@@ -70,9 +70,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     console.print(f"fitting the DSPA map on {len(fit)} triples (forward passes only) ...")
     dspa_map = fit_map(model, tok, sae_in, sae_out, fit, seed=cfg.seed)
     dspa_map.save(Path(cfg.output) / "map")
-    console.print(f"map: {dspa_map.a_sum.nnz} non-zero entries, {dspa_map.config['fit_seconds']} s "
+    console.print(f"map: {dspa_map.a_sum.nnz} non-zero entries, {dspa_map.meta.fit_seconds} s "
                   f"-> {Path(cfg.output) / 'map'}")
-    steer = DSPA(dspa_map, sae_in, sae_out, SteerConfig(alpha=cfg.alpha, k_prompt=cfg.k_prompt, k_diff=cfg.k_diff, record=True))
+    steer = DSPA(dspa_map, sae_in, sae_out, SteerConfig(**cfg.steering_options(), record=True))
     console.print(f"steering: DSPA mode={steer.cfg.mode} alpha={steer.cfg.alpha} k_prompt={steer.cfg.k_prompt} "
                   f"k_diff={steer.cfg.k_diff}, generated tokens only, greedy, {cfg.max_new_tokens} new tokens")
 

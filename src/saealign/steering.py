@@ -16,15 +16,76 @@ so a scored response is edited exactly where generation would have edited it.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Hashable, Protocol, runtime_checkable
+from typing import Any, Callable, ContextManager, Hashable, Literal, Protocol, runtime_checkable
 
 import torch
 
 from saealign._io import read_json
-from saealign.config import ConfigError
+from saealign.config import ConfigError, check_config
 from saealign.hooks import CallContext, PositionSpec
+
+Mode = Literal["ablate", "augment", "both"]
+
+
+@dataclass
+class LatentSteering:
+    """The knobs of SAE-latent steering (DSPA and static-sae, METHOD.md "DSPA — steering at inference"), declared
+    once: every command's flags, the map's recommended settings and the tuning grid are these fields. None keeps
+    the artifact's recommended setting (`saealign dspa tune` records it), else the paper's default (`PAPER_DEFAULTS`)."""
+
+    mode: Mode | None = field(default=None, metadata={
+        "help": "Which latents are edited: ablate the k_diff most negatively scored (the paper's main mode), "
+                "augment the k_diff most positively scored, or both sets."})
+    alpha: float | None = field(default=None, metadata={
+        "help": "Edit strength: an active selected latent moves by alpha times the token's largest activation.",
+        "ge": 0})
+    k_prompt: int | None = field(default=None, metadata={
+        "help": "DSPA: prompt latents kept (TopK of g(x)) when scoring the output latents (s = A^T g~).", "ge": 1})
+    k_diff: int | None = field(default=None, metadata={
+        "help": "Output latents selected per prompt (per side in mode both).", "ge": 1})
+    threshold: float | None = field(default=None, metadata={
+        "help": "tau: map entries with |A_ij| below it are dropped before scoring (default: the map's tau).",
+        "ge": 0})
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+    def steering_options(self) -> dict[str, Any]:
+        """The steering knobs that are set (None: not given), without the fields of a config that extends them."""
+        knobs = STEERING_OPTIONS if isinstance(self, SteeringOptions) else LATENT_OPTIONS
+        return {name: getattr(self, name) for name in knobs if getattr(self, name) is not None}
+
+
+@dataclass
+class SteeringOptions(LatentSteering):
+    """Every steering knob of every method (`load_method` passes each method those it takes)."""
+
+    coef: float | None = field(default=None, metadata={
+        "help": "RepE: coefficient c of the mean-difference vector added at every edited position."})
+
+
+def steering_field(name: str) -> Any:
+    """A config field for one steering knob, as `SteeringOptions` declares it (help, bounds), default None: for
+    a config that takes only some of the knobs."""
+    declared = next(f for f in fields(SteeringOptions) if f.name == name)
+    return field(default=None, metadata=declared.metadata)
+
+
+LATENT_OPTIONS = tuple(f.name for f in fields(LatentSteering))
+STEERING_OPTIONS = tuple(f.name for f in fields(SteeringOptions))
+PAPER_DEFAULTS = SteeringOptions(mode="ablate", alpha=0.2, k_prompt=32, k_diff=16, coef=1.0)  # METHOD.md; tau: the map's
+
+
+def split_method_entry(entry: str) -> tuple[str, str]:
+    """`NAME=SPEC` -> (NAME, SPEC); a bare SPEC -> ("", SPEC). Only an `=` before the first `:` names
+    the column, so paths may contain `=`."""
+    head = entry.split(":", 1)[0]
+    if "=" in head:
+        name, _, spec = entry.partition("=")
+        return name, spec
+    return "", entry
 
 
 @runtime_checkable
@@ -121,14 +182,12 @@ def method_kind(spec: str) -> str:
 
 
 def method_options(kind: str) -> frozenset[str]:
-    """The options `load_method` passes to a method kind: steering settings (and SAEs) for DSPA and
-    static-sae, the coefficient for RepE, nothing for base and prompt-prefix."""
-    from dataclasses import fields
-
+    """The options `load_method` passes to a method kind: the latent steering knobs (and how it runs, and the
+    SAEs) for DSPA and static-sae, the coefficient for RepE, nothing for base and prompt-prefix."""
     from saealign.dspa.steer import SteerConfig
 
-    steer = frozenset(f.name for f in fields(SteerConfig))
-    return {"dspa": steer | {"sae_in", "sae_out"}, "static-sae": steer | {"sae_out"},
+    latent = frozenset(f.name for f in fields(SteerConfig))
+    return {"dspa": latent | {"sae_in", "sae_out"}, "static-sae": latent | {"sae_out"},
             "repe": frozenset({"coef"})}.get(kind, frozenset())
 
 

@@ -11,6 +11,7 @@ most between them.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from dataclasses import asdict
 from typing import Any, Sequence
 
 import numpy as np
@@ -124,7 +125,7 @@ def run_audit(model, tokenizer, dspa: DSPA, prompts: Sequence[tuple[str | None, 
     categories = {int(j): d["category"] for j, d in described.items()}
     kinds = tuple(dict.fromkeys(r["kind"] for r in records if r["kind"]))
     return {"settings": {**dspa.cfg.__dict__, "max_new_tokens": sampling.max_new_tokens},
-            "map": dspa.map.config.get("data"), "prompts": records, "kinds": list(kinds),
+            "map": None if dspa.map.meta.data is None else asdict(dspa.map.meta.data), "prompts": records, "kinds": list(kinds),
             "latents": latent_summary(records, categories),
             "category_shares": category_shares(records, categories, n_boot, seed),
             "separating": separating_latents(records, kinds[:2]) if len(kinds) >= 2 else [],

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from saealign.dspa.map import DSPAMap, SparseSum
+from saealign.dspa.map import DSPAMap, FitOptions, MapMetadata, SparseSum
 from saealign.dspa.steer import edit_latents, select_latents
 
 
@@ -101,7 +101,9 @@ def accumulate_map(g: np.ndarray, delta: np.ndarray, batch: int = 4096) -> np.nd
     a_sum = SparseSum(g.shape[1], delta.shape[1])
     for start in range(0, len(g), batch):
         a_sum.add_outer(torch.from_numpy(g[start:start + batch]), torch.from_numpy(delta[start:start + batch]))
-    dspa_map = DSPAMap(a_sum, torch.from_numpy(g.sum(0)), len(g), {"threshold": 0.0})
+    meta = MapMetadata(model="synthetic", l_in=0, l_out=1, sae_in={}, sae_out={}, m_in=g.shape[1], m_out=delta.shape[1],
+                       options=FitOptions(), data_fingerprint="synthetic")
+    dspa_map = DSPAMap(a_sum, torch.from_numpy(g.sum(0)), len(g), meta)
     return dspa_map.matrix().double().numpy()
 
 

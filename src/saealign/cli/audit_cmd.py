@@ -11,7 +11,8 @@ from rich.console import Console
 
 from saealign.audit.describe import DESCRIPTIONS, DescribeOptions
 from saealign.cli import app, sae_app
-from saealign.cli._config import config_command
+from saealign.cli._config import config_command, config_flags
+from saealign.steering import LatentSteering
 
 console = Console()
 
@@ -41,7 +42,7 @@ def _map_latents(map_dir: str, sae) -> list[int]:
     dspa_map = DSPAMap.load(map_dir)
     a = dspa_map.matrix()
     for side, axis in (("sae_out", 0), ("sae_in", 1)):
-        if dspa_map.config[side]["fingerprint"] == sae.fingerprint():
+        if getattr(dspa_map.meta, side)["fingerprint"] == sae.fingerprint():
             return (a != 0).any(axis).nonzero().squeeze(1).tolist()
     raise ValueError(f"{map_dir}: the map was fitted with neither this SAE ({sae.fingerprint()}) as input nor as output")
 
@@ -71,6 +72,7 @@ def describe(cfg: DescribeConfig) -> None:
 
 
 @app.command("audit")
+@config_flags(LatentSteering, "steering")
 def audit(
     map_dir: str = typer.Argument(..., metavar="MAP", help="DSPA map directory."),
     prompts: list[str] = typer.Option(..., "--prompts", help="Prompt source [KIND=]ROLE_OR_FILE (repeat); KIND is "
@@ -81,13 +83,10 @@ def audit(
     data: Optional[str] = typer.Option(None, help="HH-RLHF directory when a prompt source names a data role."),
     n: Optional[int] = typer.Option(None, help="Seeded draw of N prompts per source.", min=1),
     max_new_tokens: int = typer.Option(64, help="Tokens generated per prompt (greedy).", min=1),
-    alpha: Optional[float] = typer.Option(None, help="Override the map's recommended alpha.", min=0),
-    k_prompt: Optional[int] = typer.Option(None, help="Override k_prompt.", min=1),
-    k_diff: Optional[int] = typer.Option(None, help="Override k_diff.", min=1),
-    mode: Optional[str] = typer.Option(None, help="Override the mode: ablate, augment or both."),
     model_name: str = typer.Option("smollm2-135m-instruct", "--model", help="Model the map was fitted on."),
     seed: int = typer.Option(0, help="Seed of the prompt draw and of the bootstrap."),
     device: Optional[str] = None,
+    *, steering: LatentSteering,
 ) -> None:
     """Which latents DSPA selects and edits on a prompt set, by category, as a static HTML report."""
     from saealign._io import read_json
@@ -106,8 +105,7 @@ def audit(
         path = Path(descriptions)
         described = read_json(path / DESCRIPTIONS if path.is_dir() else path)
     model, tokenizer = load_model(model_name, device=device)
-    overrides = {k: v for k, v in dict(alpha=alpha, k_prompt=k_prompt, k_diff=k_diff, mode=mode).items() if v is not None}
-    dspa = DSPA.load(map_dir, model, record=True, **overrides)
+    dspa = DSPA.load(map_dir, model, record=True, **steering.steering_options())
     if described and described["sae"]["fingerprint"] != dspa.sae_out.fingerprint():
         raise ValueError(f"{descriptions}: describes SAE {described['sae']['fingerprint']}, not the map's output SAE "
                          f"{dspa.sae_out.fingerprint()}")

@@ -1,4 +1,4 @@
-"""`saealign dspa fit | merge | info | repe`, `saealign generate`, `saealign chat`."""
+"""`saealign dspa fit | tune | merge | info | repe`, `saealign generate`, `saealign chat`."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from rich.console import Console
 from rich.table import Table
 
 from saealign.cli import app, dspa_app
-from saealign.cli._config import config_command
+from saealign.cli._config import config_command, config_flags
 from saealign.config import ConfigError
 from saealign.data import select_triples
 from saealign.dspa.fitting import DSPAFitConfig, run_fit
+from saealign.dspa.tune import TuneConfig, run_tune
+from saealign.steering import SteeringOptions
 
 console = Console()
 
@@ -24,7 +26,26 @@ def fit(cfg: DSPAFitConfig) -> None:
     """Fit a DSPA map from preference triples (forward passes only; resumable; works under accelerate launch)."""
     dspa_map = run_fit(cfg)
     console.print(f"map over {dspa_map.count} triples -> {cfg.output}  (nnz {dspa_map.a_sum.nnz}, "
-                  f"{dspa_map.config.get('fit_seconds', '?')} s)")
+                  f"{dspa_map.meta.fit_seconds} s)")
+
+
+@config_command(dspa_app, "tune", TuneConfig, required=("map", "data"))
+def tune(cfg: TuneConfig) -> None:
+    """Choose DSPA, static-sae and RepE settings on validation data (one cached base pass, a documented grid)
+    and record the sweep and the choice in the map, where `load_method` finds them."""
+
+    def show(entry) -> None:
+        m = entry.metrics
+        console.print(f"{entry.method} {entry.setting.steering_options()}: reward acc {m['reward_acc']['value']:.3f} "
+                      f"margin {m['reward_margin']['value']:+.4f} ({entry.seconds} s)")
+
+    chosen = run_tune(cfg, on_entry=show)
+    table = Table(title=f"recorded in {cfg.map} (chosen on {chosen.sweep.data.n} pairs of {cfg.data_role or cfg.data})")
+    table.add_column("method")
+    table.add_column("setting")
+    for method, setting in (("dspa", chosen.dspa), ("static-sae", chosen.static_sae), ("repe", chosen.repe)):
+        table.add_row(method, json.dumps(setting.steering_options()))
+    console.print(table)
 
 
 @dspa_app.command("merge")
@@ -47,8 +68,10 @@ def info(map_dir: Path = typer.Argument(..., help="A DSPA map directory."),
     from saealign.dspa import DSPAMap
 
     m = DSPAMap.load(map_dir)
-    cfg = {k: v for k, v in m.config.items() if k not in ("options",)}
-    console.print_json(json.dumps({**cfg, "count": m.count, "nnz": m.a_sum.nnz}, default=str))
+    meta = m.meta.to_json()
+    if meta["recommended"]["sweep"] is not None:  # every scored setting: `config.json` has them
+        meta["recommended"]["sweep"] = f"{len(m.meta.recommended.sweep.entries)} settings scored"
+    console.print_json(json.dumps({**meta, "count": m.count, "nnz": m.a_sum.nnz}, default=str))
     scores = m.mean_g() @ m.matrix()
     neg = scores.topk(top, largest=False)
     pos = scores.topk(top)
@@ -89,30 +112,25 @@ def repe(cfg: RepEFitConfig) -> None:
     console.print(f"RepE vector at layer {cfg.layer} (norm {vec.vector.norm():.2f}) -> {cfg.output}")
 
 
-def _steer_options(alpha, k_prompt, k_diff, mode, threshold) -> dict:
-    opts = {"alpha": alpha, "k_prompt": k_prompt, "k_diff": k_diff, "mode": mode, "threshold": threshold}
-    return {k: v for k, v in opts.items() if v is not None}
-
-
 _METHOD_HELP = "base, prompt-prefix, dspa:MAP_DIR, static-sae:MAP_DIR, repe:DIR, or an artifact directory."
 
 
 @app.command("generate")
+@config_flags(SteeringOptions, "steering")
 def generate(prompt: list[str] = typer.Option(..., "--prompt", "-p", help="A user message (repeat for several)."),
              method: str = typer.Option("base", help=_METHOD_HELP),
              compare: bool = typer.Option(False, help="Also show the base model's answer side by side."),
              model: str = typer.Option("smollm2-135m-instruct"),
              max_new_tokens: int = 200, temperature: float = 0.0, seed: int = 0,
-             alpha: float | None = None, k_prompt: int | None = None, k_diff: int | None = None,
-             mode: str | None = None, threshold: float | None = None,
-             show_latents: bool = typer.Option(False, help="List the latents DSPA edited per answer.")) -> None:
+             show_latents: bool = typer.Option(False, help="List the latents DSPA edited per answer."),
+             *, steering: SteeringOptions) -> None:
     """Answer prompts with a method (optionally beside the base model)."""
     from saealign.eval.generation import Sampling, generate_chat
     from saealign.models import load_model
     from saealign.steering import load_method
 
     mdl, tok = load_model(model)
-    options = _steer_options(alpha, k_prompt, k_diff, mode, threshold)
+    options = steering.steering_options()
     if show_latents:
         options["record"] = True
     steer = load_method(method, model=mdl, **options)
@@ -133,16 +151,16 @@ def generate(prompt: list[str] = typer.Option(..., "--prompt", "-p", help="A use
 
 
 @app.command("chat")
+@config_flags(SteeringOptions, "steering")
 def chat(method: str = typer.Option("base", help=_METHOD_HELP + " With --url: a method the server serves."),
          url: str | None = typer.Option(None, help="Talk to a running `saealign serve` (http://HOST:PORT/v1) "
                                                    "instead of loading a model; replies are streamed."),
          api_key_env: str | None = typer.Option(None, help="With --url: send `Bearer $VAR`."),
          compare: bool = typer.Option(False, help="Show the base model's reply beside the steered one."),
          model: str = typer.Option("smollm2-135m-instruct"), max_new_tokens: int = 256, temperature: float = 0.0,
-         alpha: float | None = None, k_prompt: int | None = None, k_diff: int | None = None, mode: str | None = None,
-         threshold: float | None = None) -> None:
+         *, steering: SteeringOptions) -> None:
     """Interactive multi-turn chat (empty line or /exit to quit; /reset clears the history)."""
-    options = _steer_options(alpha, k_prompt, k_diff, mode, threshold)
+    options = steering.steering_options()
     reply = _remote_replies(url, method, options, api_key_env, max_new_tokens, temperature) if url else \
         _local_replies(model, method, options, max_new_tokens, temperature)
     history: list[dict] = []

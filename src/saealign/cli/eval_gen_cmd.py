@@ -12,23 +12,22 @@ from saealign.cli import app, eval_app
 from saealign.cli._config import config_command
 from saealign.eval.alpaca_eval import AlpacaEvalConfig, run_alpaca_eval
 from saealign.eval.mt_bench import MTBenchConfig, run_mt_bench
+from saealign.results import ResultRecord, format_estimate
 
 console = Console()
 
 
-def _show(result: dict) -> None:
-    if "metrics" not in result:  # generation only
+def _show(result: ResultRecord | dict) -> None:
+    if not isinstance(result, ResultRecord):  # generation only: where the outputs are
         console.print(result)
         return
-    from saealign.eval.report import fmt_interval
-
-    table = Table(title=f"{result['benchmark']}: {result['method']} (judge {result.get('judge')})")
+    table = Table(title=f"{result.benchmark}: {result.method} (judge {result.details.get('judge')})")
     table.add_column("metric")
-    table.add_column("value ± 95%")
-    for name, m in result["metrics"].items():
-        table.add_row(name, fmt_interval(m))
+    table.add_column("value [95% interval]")
+    for name, m in result.metrics.items():
+        table.add_row(name, format_estimate(m))
     console.print(table)
-    extras = {k: result[k] for k in ("n_missing", "n_judgments", "n_retried", "counts", "timings") if k in result}
+    extras = {k: result.details[k] for k in ("n_missing", "n_judgments", "n_retried", "timings") if k in result.details}
     console.print(extras)
 
 

@@ -7,8 +7,9 @@ from rich.table import Table
 
 from saealign.cli import eval_app
 from saealign.cli._config import config_command
-from saealign.eval import percent_cell
 from saealign.eval.mc import MCConfig, run_mc
+from saealign.results import format_estimate
+from saealign.stats import Estimate
 
 console = Console()
 
@@ -16,14 +17,17 @@ console = Console()
 @config_command(eval_app, "mc", MCConfig)
 def mc(cfg: MCConfig) -> None:
     """Multiple-choice accuracy by log-likelihood (lm-eval's prompts and metrics), base or steered."""
-    result = run_mc(cfg)
-    table = Table(title=f"multiple choice: {result['method']} (% with 95% interval)")
-    for column in ("task", "n", "metric", "value", "paired delta vs baseline"):
+    record = run_mc(cfg)
+    table = Table(title=f"multiple choice: {record.method} (% with 95% interval)")
+    for column in ("task", "n", "metric", "value", f"paired delta vs {record.baseline or 'a baseline'}"):
         table.add_column(column)
-    deltas = result.get("paired_vs_baseline", {}).get("delta", {})
-    for task, summary in result["tasks"].items():
-        for name, m in summary["metrics"].items():
-            table.add_row(task, str(summary["n"]), name, percent_cell(m), percent_cell(deltas.get(f"{task}/{name}")))
+    for name, m in record.metrics.items():
+        task, metric = name.split("/", 1)
+        table.add_row(task, str(m.n), metric, percent(m), percent(record.deltas.get(name)))
     console.print(table)
     if cfg.out_dir is not None:
         console.print(f"written: {cfg.out_dir}/results.json")
+
+
+def percent(m: Estimate | None) -> str:
+    return format_estimate(m, digits=1, scale=100)

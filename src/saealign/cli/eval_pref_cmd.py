@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from saealign.cli import eval_app
 from saealign.cli._config import config_command
 from saealign.config import ConfigError, check_config
-from saealign.dspa.steer import Mode
-from saealign.steering import load_method, method_kind, method_options
+from saealign.steering import SteeringOptions, load_method, method_kind, method_options, split_method_entry
+
+if TYPE_CHECKING:
+    from saealign.results import ResultRecord
 
 console = Console()
 
 
-STEERING_OPTIONS = ("alpha", "k_prompt", "k_diff", "mode", "threshold", "coef")
-
-
 @dataclass
-class PrefEvalConfig:
+class PrefEvalConfig(SteeringOptions):
+    """`eval pref`: the steering knobs (each method gets those it takes) and what to score."""
+
     data: str = field(default="", metadata={"help": "Held-out triples: a file, HF name, or HH-RLHF directory (with --data-role)."})
     data_role: str | None = field(default=None, metadata={"help": "Role when --data is an HH-RLHF directory (SPLITS.md): validation, test_helpful, harmless_validation, test_harmless (the test half of harmless-base), harmless_all (all of it: published pre-split numbers), or a fit role."})
     methods: list[str] = field(default_factory=lambda: ["base"], metadata={"help": "Methods: base, prompt-prefix, dspa:MAP, static-sae:MAP, repe:DIR|MAP (repeat); NAME=SPEC names a column."})
@@ -30,12 +31,6 @@ class PrefEvalConfig:
     model: str = "smollm2-135m-instruct"
     max_length: int = field(default=1024, metadata={"ge": 1})
     n_boot: int = field(default=2000, metadata={"ge": 1})
-    alpha: float | None = field(default=None, metadata={"help": "DSPA/static-sae steering strength.", "ge": 0})
-    k_prompt: int | None = field(default=None, metadata={"ge": 1})
-    k_diff: int | None = field(default=None, metadata={"ge": 1})
-    mode: Mode | None = None
-    threshold: float | None = field(default=None, metadata={"help": "Drop map entries with |A_ij| below this.", "ge": 0})
-    coef: float | None = field(default=None, metadata={"help": "RepE coefficient override."})
     output: str | None = field(default=None, metadata={"help": "Write results.json and results.md into this directory."})
     dtype: str | None = None
     device: str | None = None
@@ -47,27 +42,12 @@ class PrefEvalConfig:
             if not any(option in method_options(kind) for kind in kinds):
                 raise ConfigError(option, f"is given, but none of the methods takes it ({', '.join(self.methods)})")
 
-    def steering_options(self) -> dict[str, Any]:
-        """The steering options given (each method gets those it takes)."""
-        return {k: getattr(self, k) for k in STEERING_OPTIONS if getattr(self, k) is not None}
 
-
-def split_method_entry(entry: str) -> tuple[str, str]:
-    """`NAME=SPEC` -> (NAME, SPEC); a bare SPEC -> ("", SPEC). Only an `=` before the first `:` names
-    the column, so paths may contain `=`."""
-    head = entry.split(":", 1)[0]
-    if "=" in head:
-        name, _, spec = entry.partition("=")
-        return name, spec
-    return "", entry
-
-
-def run_pref_eval(cfg: PrefEvalConfig, model=None, tokenizer=None) -> dict:
-    from saealign._io import write_json
+def run_pref_eval(cfg: PrefEvalConfig, model=None, tokenizer=None) -> list[ResultRecord]:
     from saealign.data import select_triples
-    from saealign.eval import versions
     from saealign.eval.pref import evaluate_preferences, markdown_table, sample_pairs
     from saealign.models import load_model
+    from saealign.results import write_results
 
     available = select_triples(cfg.data, cfg.data_role)
     if cfg.n is not None and cfg.n > len(available):
@@ -81,11 +61,12 @@ def run_pref_eval(cfg: PrefEvalConfig, model=None, tokenizer=None) -> dict:
         takes = method_options(method_kind(spec))
         methods[name or spec] = load_method(spec, model=model, **{k: v for k, v in cfg.steering_options().items() if k in takes})
     result = evaluate_preferences(model, tokenizer, triples, methods, cfg.max_length, cfg.n_boot, cfg.seed)
-    result.update({"config": cfg.__dict__, "versions": versions(), "data": {"source": cfg.data, "role": cfg.data_role,
-                                                                             "split_seed": 0, "sample_seed": cfg.seed}})
+    provenance = {"source": cfg.data, "role": cfg.data_role, "split_seed": 0, "sample_seed": cfg.seed}
+    result = [replace(r, benchmark=f"pref:{cfg.data_role or 'triples'}", config=cfg.__dict__,
+                      data={**r.data, **provenance}) for r in result]
     if cfg.output:
         out = Path(cfg.output)
-        write_json(out / "results.json", result)
+        write_results(out / "results.json", result)
         (out / "results.md").write_text(markdown_table(result, f"{cfg.data_role or cfg.data}", legend=True))
     return result
 

@@ -39,13 +39,14 @@ def cache_command(cfg: TrainConfig) -> None:
 @config_command(fpo_app, "eval", CompareConfig, required=("model", "data"))
 def eval_command(cfg: CompareConfig) -> None:
     """Compare a trained model with its reference on held-out pairs (accuracy, entropy, feature MSE, KL)."""
+    from saealign.results import format_estimate
+
     record = run_comparison(cfg)
-    table = Table(title=f"{record['method']} vs {cfg.reference} on {record['n_pairs']} pairs")
-    for column in ("metric", "value", "95% interval"):
+    table = Table(title=f"{record.method} vs {cfg.reference} on {record.data['n']} pairs")
+    for column in ("metric", "value [95% interval]"):
         table.add_column(column)
-    for name, m in record["metrics"].items():
-        ci = m.get("ci95")
-        table.add_row(name, f"{m['value']:.4g}", f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "")
+    for name, m in record.metrics.items():
+        table.add_row(name, format_estimate(m, digits=4))
     Console().print(table)
     if cfg.output:
         Console().print(f"wrote {cfg.output}")

@@ -12,6 +12,7 @@ from rich.table import Table
 from saealign.cli import sae_app
 from saealign.cli._config import config_command
 from saealign.config import check_config
+from saealign.results import ResultRecord, write_results
 from saealign.sae.train import SAETrainConfig, train_saes
 
 console = Console()
@@ -44,8 +45,10 @@ class SAEEvalConfig:
         check_config(self)
 
 
-def run_sae_eval(cfg: SAEEvalConfig) -> dict:
-    from saealign import __version__
+SAE_HEADLINE = ["fvu", "l0", "dead_fraction", "loss_increase"]
+
+
+def run_sae_eval(cfg: SAEEvalConfig) -> ResultRecord:
     from saealign.corpus import load_texts, sample_texts
     from saealign.models import load_model, load_tokenizer
     from saealign.sae import load_sae
@@ -57,27 +60,29 @@ def run_sae_eval(cfg: SAEEvalConfig) -> dict:
     model, _ = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)  # after the corpus and SAE passed their checks
     sae.check_model(model)
     result = evaluate_sae(sae, model, tok, texts, max_length=cfg.max_length, zero_ablation=cfg.zero_ablation)
-    return {"config": cfg.__dict__, "sae": sae.describe(), "layer": sae.layer, "saealign_version": __version__,
-            "metrics": result.as_dict()}
+    record = ResultRecord("sae-eval", f"sae {cfg.sae}", result.estimates(), SAE_HEADLINE, cfg.__dict__,
+                          data={"source": cfg.corpus, "role": cfg.corpus_role, "sample_seed": cfg.seed,
+                                "texts": result.texts, "tokens": result.tokens,
+                                "excluded_tokens": result.excluded_tokens},
+                          details={"sae": sae.describe(), "layer": sae.layer})
+    if cfg.output:
+        write_results(cfg.output, [record])
+    return record
 
 
 @config_command(sae_app, "eval", SAEEvalConfig, required=("corpus",))
 def evaluate(cfg: SAEEvalConfig) -> None:
     """FVU, L0, dead fraction and the next-token loss increase when the SAE is spliced in."""
-    report = run_sae_eval(cfg)
-    m = report["metrics"]
-    table = Table(title=f"SAE {cfg.sae} (layer {report['layer']}) on {m['texts']} texts, {m['tokens']} tokens "
-                        f"({m['excluded_tokens']} first/sink tokens excluded)")
+    record = run_sae_eval(cfg)
+    m, d = {k: v.value for k, v in record.metrics.items()}, record.data
+    table = Table(title=f"SAE {cfg.sae} (layer {record.details['layer']}) on {d['texts']} texts, {d['tokens']} tokens "
+                        f"({d['excluded_tokens']} first/sink tokens excluded)")
     for col in ("FVU", "L0", "dead %", "loss clean", "loss spliced", "increase (nats)", "zero-ablated"):
         table.add_column(col)
     table.add_row(f"{m['fvu']:.4f}", f"{m['l0']:.1f}", f"{100 * m['dead_fraction']:.2f}", f"{m['loss_clean']:.4f}",
                   f"{m['loss_spliced']:.4f}", f"{m['loss_increase']:.4f}",
-                  "—" if m["loss_zero_ablated"] is None else f"{m['loss_zero_ablated']:.3f}")
+                  "—" if "loss_zero_ablated" not in m else f"{m['loss_zero_ablated']:.3f}")
     console.print(table)
-    if cfg.output:
-        from saealign._io import write_json
-
-        write_json(cfg.output, report)
 
 
 @sae_app.command("info")

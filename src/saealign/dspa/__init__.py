@@ -1,7 +1,9 @@
-"""DSPA: prompt-conditional SAE steering, and the baselines that share its interface."""
+"""DSPA: prompt-conditional SAE steering, the baselines that share its interface, and choosing their settings."""
 
 from saealign.dspa.baselines import PromptPrefix, RepE, StaticSAE
-from saealign.dspa.map import DSPAMap, FitOptions, fit_map, merge_maps
+from saealign.dspa.map import DSPAMap, FitOptions, MapMetadata, Recommended, fit_map, merge_maps, read_metadata
 from saealign.dspa.steer import DSPA, SteerConfig
+from saealign.dspa.tune import TuneConfig, run_tune
 
-__all__ = ["DSPA", "DSPAMap", "FitOptions", "PromptPrefix", "RepE", "StaticSAE", "SteerConfig", "fit_map", "merge_maps"]
+__all__ = ["DSPA", "DSPAMap", "FitOptions", "MapMetadata", "PromptPrefix", "Recommended", "RepE", "StaticSAE",
+           "SteerConfig", "TuneConfig", "fit_map", "merge_maps", "read_metadata", "run_tune"]

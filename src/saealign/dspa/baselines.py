@@ -25,7 +25,7 @@ from saealign.dspa.steer import LatentSteerer, SteerConfig, select_latents
 from saealign.hooks import CallContext, HookSession, PositionSpec, read_residuals
 from saealign.models import model_fingerprint, model_id, model_mismatch
 from saealign.sae.core import SAE, load_sae
-from saealign.steering import RowSteering
+from saealign.steering import PAPER_DEFAULTS, RowSteering
 
 CONFIG = "config.json"
 
@@ -34,8 +34,7 @@ class StaticSAE(LatentSteerer):
     name = "static-sae"
 
     def __init__(self, dspa_map: DSPAMap, sae_out: SAE, cfg: SteerConfig | None = None, **overrides: Any):
-        cfg = cfg or SteerConfig(**{**dspa_map.config.get("recommended_static", dspa_map.config.get("recommended", {})),
-                                    **overrides})
+        cfg = cfg or SteerConfig.resolve(dspa_map.meta.recommended.static_sae, **overrides)
         super().__init__(sae_out, cfg)
         dspa_map.check_compatible(sae_out=sae_out)
         self.map = dspa_map
@@ -49,7 +48,7 @@ class StaticSAE(LatentSteerer):
         map_dir = Path(path) / cfg.get("map", ".") if cfg.get("kind") == "static_sae" else Path(path)
         dspa_map = DSPAMap.load(map_dir)
         device = next(model.parameters()).device if model is not None else None
-        sae_out = load_sae(sae_out or dspa_map.config["sae_out"]["source"], device=device)
+        sae_out = load_sae(sae_out or dspa_map.meta.sae_out["source"], device=device)
         dspa_map.check_compatible(model, sae_out=sae_out)
         return cls(dspa_map, sae_out, **{**cfg.get("steer", {}), **overrides})
 
@@ -139,10 +138,11 @@ class RepE:
     @classmethod
     def from_map(cls, dspa_map: DSPAMap, coef: float = 1.0) -> "RepE":
         """The RepE vector at l_out that a DSPA fit accumulates from its own passes (no extra pass)."""
-        config = {"kind": "repe", "saealign_version": __version__, "model": dspa_map.config["model"],
-                  "model_fingerprint": dspa_map.config.get("model_fingerprint"), "layer": dspa_map.config["l_out"], "count": dspa_map.count,
-                  "data_fingerprint": dspa_map.config["data_fingerprint"], "from_dspa_map": True}
-        return cls(dspa_map.repe_vector(), dspa_map.config["l_out"], coef, config)
+        meta = dspa_map.meta
+        config = {"kind": "repe", "saealign_version": __version__, "model": meta.model,
+                  "model_fingerprint": meta.model_fingerprint, "layer": meta.l_out, "count": dspa_map.count,
+                  "data_fingerprint": meta.data_fingerprint, "from_dspa_map": True}
+        return cls(dspa_map.repe_vector(), meta.l_out, coef, config)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -157,8 +157,10 @@ class RepE:
         if config.get("kind") == "dspa_map":  # `repe:MAP_DIR`: the vector the DSPA fit accumulated
             dspa_map = DSPAMap.load(path)
             dspa_map.check_compatible(model)
-            recommended = dspa_map.config.get("recommended_repe", {}).get("coef", 1.0)
-            return cls.from_map(dspa_map, recommended if coef is None else coef)
+            recommended = dspa_map.meta.recommended.repe.coef
+            if coef is None:
+                coef = PAPER_DEFAULTS.coef if recommended is None else recommended
+            return cls.from_map(dspa_map, coef)
         mismatch = model_mismatch(model, config["model"], config.get("model_fingerprint")) if model is not None else None
         if mismatch:
             raise ValueError(f"RepE vector was fitted on {mismatch}")

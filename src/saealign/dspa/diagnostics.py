@@ -9,8 +9,9 @@ On held-out triples (never the fitting data), with g and Δρ computed exactly a
 (`map.fit_batch`), this module measures:
 
 - `alignment`: per triple, `Σ_{j in E(x)} s_j(x) Δρ_j` over the edited set E(x) (the k_diff latents of
-  largest |s_j(x)|, the union of S- and S+ of mode "both"), averaged with a bootstrap 95 % interval;
-  `agreement`: the share of triples where it is positive (ties, e.g. Δρ = 0 on E, count one half);
+  largest |s_j(x)|, the union of S- and S+ of mode "both"), averaged with its bootstrap 95 % interval
+  (`saealign.stats`); `agreement`: the share of triples where it is positive (ties, e.g. Δρ = 0 on
+  E, count one half, the `saealign.stats` tie rule);
 - `pearson` / `spearman`: correlation of s_j(x) with Δρ_j over all (triple, j in E(x)) pairs;
 - `*_shuffled_prompts`: the same with each triple's Δρ paired with another triple's s (a fixed
   derangement): the part of the signal that is not prompt-conditional survives it, so
@@ -23,7 +24,7 @@ bootstrap interval means little, and `signal` is None (undecided).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +33,8 @@ import torch
 
 from saealign.config import check_config
 from saealign.dspa.map import DSPAMap, FitOptions, fit_batch
+from saealign.dspa.steer import SteerConfig
+from saealign.steering import steering_field
 
 MIN_HELD_OUT = 20
 
@@ -101,16 +104,14 @@ def _derangement(n: int, seed: int) -> np.ndarray:
 def signal_metrics(scores: torch.Tensor, delta: torch.Tensor, k_diff: int, n_boot: int = 2000,
                    seed: int = 0) -> dict[str, Any]:
     """Alignment, agreement and correlations of scores s (n, m_out) with realised Δρ (n, m_out) on the edited sets."""
-    from saealign.eval.pref import _se, bootstrap_ci
+    from saealign.stats import mean_estimate, wins
 
     edited = scores.abs().topk(min(k_diff, scores.shape[-1]), dim=-1).indices
     s_e, d_e = scores.gather(-1, edited).double().numpy(), delta.gather(-1, edited).double().numpy()
     alignment = (s_e * d_e).sum(-1)
-    hits = np.where(alignment == 0, 0.5, (alignment > 0).astype(float))
-    out: dict[str, Any] = {}
-    for name, values in (("alignment", alignment), ("agreement", hits)):
-        lo, hi = bootstrap_ci(values, n_boot, seed)
-        out[name] = {"value": float(values.mean()), "ci95": [lo, hi], "se": _se(values)}
+    hits = wins(alignment, np.zeros_like(alignment))
+    out: dict[str, Any] = {name: mean_estimate(values, n_boot, seed).to_json()
+                           for name, values in (("alignment", alignment), ("agreement", hits))}
     out.update(correlations(s_e.ravel(), d_e.ravel()))
     out["signal"] = bool(out["alignment"]["ci95"][0] > 0) if len(alignment) >= MIN_HELD_OUT else None
     return out
@@ -138,7 +139,7 @@ def maps_by_n(path: str | Path) -> list[tuple[str, DSPAMap]]:
     root = Path(path)
     full = DSPAMap.load(root)
     found = [(p.name, DSPAMap.load(p)) for p in root.glob("snapshot_*") if p.is_dir()]
-    found = [(name, m) for name, m in found if m.config.get("data_fingerprint") != full.config.get("data_fingerprint")]
+    found = [(name, m) for name, m in found if m.meta.data_fingerprint != full.meta.data_fingerprint]
     return sorted([*found, (root.name, full)], key=lambda item: item[1].count)
 
 
@@ -149,9 +150,9 @@ class MapSignalConfig:
     data_role: str | None = None
     n: int | None = field(default=None, metadata={"help": "Seeded draw of N held-out triples.", "ge": 2})
     seed: int = 0
-    k_prompt: int | None = field(default=None, metadata={"help": "Default: the map's recommended, else 32.", "ge": 1})
-    k_diff: int | None = field(default=None, metadata={"help": "Default: the map's recommended, else 16.", "ge": 1})
-    threshold: float | None = field(default=None, metadata={"help": "Default: the map's recommended tau.", "ge": 0})
+    k_prompt: int | None = steering_field("k_prompt")
+    k_diff: int | None = steering_field("k_diff")
+    threshold: float | None = steering_field("threshold")
     batch_size: int = field(default=8, metadata={"ge": 1})
     n_boot: int = field(default=2000, metadata={"ge": 1})
     output: str | None = field(default=None, metadata={"help": "Write the rows as JSON here."})
@@ -172,24 +173,24 @@ def run_map_signal(cfg: MapSignalConfig, model=None, tokenizer=None, progress: b
         raise ValueError("map-signal needs --maps and --data")
     maps = [(f"{Path(p).name}/{name}" if name != Path(p).name else name, m) for p in cfg.maps for name, m in maps_by_n(p)]
     triples = select_triples(cfg.data, cfg.data_role, cfg.n, cfg.seed)
-    fitted_on = {m.config.get("data_fingerprint") for _, m in maps}
+    fitted_on = {m.meta.data_fingerprint for _, m in maps}
     if triples_fingerprint(triples) in fitted_on:
         raise ValueError("the held-out triples are a map's own fitting data; "
                          "pass held-out data (e.g. --data-role validation)")
     first = maps[0][1]
     if model is None:
-        model, tokenizer = load_model(first.config["model"], device=cfg.device, dtype=cfg.dtype)
-    sae_in, sae_out = load_sae(first.config["sae_in"]["source"]), load_sae(first.config["sae_out"]["source"])
+        model, tokenizer = load_model(first.meta.model, device=cfg.device, dtype=cfg.dtype)
+    sae_in, sae_out = load_sae(first.meta.sae_in["source"]), load_sae(first.meta.sae_out["source"])
     for name, m in maps:
         m.check_compatible(model, sae_in, sae_out)
-        if m.config["options"] != first.config["options"]:  # g and Δρ are computed once, with the first map's options
-            raise ValueError(f"map {name} was fitted with other options ({m.config['options']}) than {maps[0][0]} "
-                             f"({first.config['options']}); compare maps fitted alike")
-    options = FitOptions(**{**first.config["options"], "batch_size": cfg.batch_size})
+        if m.meta.options != first.meta.options:  # g and Δρ are computed once, with the first map's options
+            raise ValueError(f"map {name} was fitted with other options ({m.meta.options}) than {maps[0][0]} "
+                             f"({first.meta.options}); compare maps fitted alike")
+    options = replace(first.meta.options, batch_size=cfg.batch_size)
     stats = held_out_statistics(model, tokenizer, sae_in, sae_out, triples, options, progress)
-    recommended = first.config.get("recommended") or {}
-    k_prompt = cfg.k_prompt or recommended.get("k_prompt", 32)
-    k_diff = cfg.k_diff or recommended.get("k_diff", 16)
+    recommended = SteerConfig.resolve(first.meta.recommended.dspa)
+    k_prompt = cfg.k_prompt or recommended.k_prompt
+    k_diff = cfg.k_diff or recommended.k_diff
     rows = []
     for name, m in maps:
         row = map_signal(m, stats, k_prompt, k_diff, cfg.threshold, cfg.n_boot, cfg.seed)[0]

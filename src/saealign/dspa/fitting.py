@@ -12,7 +12,7 @@ import torch
 
 from saealign.config import check_config
 from saealign.data import in_draw_order, select_triples
-from saealign.dspa.map import DSPAMap, FitOptions, fit_map, merge_maps
+from saealign.dspa.map import DSPAMap, FitData, FitOptions, fit_map, merge_maps
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def run_fit(cfg: DSPAFitConfig, model=None, tokenizer=None) -> DSPAMap:
             return part
         # shards are disjoint by construction (equal fingerprints only if the data repeats itself)
         dspa_map = merge_maps([DSPAMap.load(out / f"shard_{r}") for r in range(state.num_processes)], allow_overlap=True)
-    dspa_map.config["threshold"] = cfg.threshold
-    dspa_map.config["data"] = {"source": cfg.data, "role": cfg.data_role, "n": len(triples), "seed": cfg.seed}
+    dspa_map.meta.threshold = cfg.threshold
+    dspa_map.meta.data = FitData(cfg.data, cfg.data_role, len(triples), cfg.seed)
     dspa_map.save(out)
     return dspa_map

@@ -8,6 +8,9 @@ The map stores *sums* and the count, so shards (or more data later) merge exactl
 accumulated block-sparsely (only rows active in some prompt of a batch times columns with a
 non-zero delta), so no dense m_in x m_out matrix is ever built per triple, and it is stored as a
 sparse COO tensor. Sparsification by the threshold `tau` happens when the map is used.
+
+What a map belongs to and the steering settings chosen for it are a typed `MapMetadata` (its config.json),
+so a misspelt or unknown key is refused with the file named instead of silently falling back to a default.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import logging
 import shutil
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -27,16 +31,17 @@ from tqdm.auto import tqdm
 from saealign import __version__
 from saealign._io import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from saealign.activations import DEFAULT_SINK_FACTOR, keep_mask
-from saealign.config import check_config, differing_settings
+from saealign.config import ConfigError, check_config, differing_settings
 from saealign.hooks import read_residuals
 from saealign.models import model_fingerprint, model_id, model_mismatch
 from saealign.sae.core import SAE
+from saealign.steering import LatentSteering, SteeringOptions
 
 log = logging.getLogger(__name__)
 
 MAP_TENSORS = "dspa_map.safetensors"
 CONFIG = "config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1 (or none): recommended settings under loose keys `recommended`, `recommended_static`, ...
 
 
 @dataclass
@@ -113,17 +118,18 @@ class DSPAMap:
     a_sum: SparseSum
     g_sum: torch.Tensor  # (m_in,) sum of prompt statistics (for the static-sae baseline)
     count: int
-    config: dict[str, Any]
+    meta: MapMetadata
     # (d_model,) sum of per-triple mean differences of h^{l_out} over chosen vs rejected response
     # tokens: the RepE/CAA vector at l_out, free from the same passes (None for maps without it)
     repe_sum: torch.Tensor | None = None
 
     # -- the map ----------------------------------------------------------------------------------
     def matrix(self, threshold: float | None = None) -> torch.Tensor:
-        """`A = sums / N`, entries with |A| < threshold set to zero; dense (m_in, m_out) float32."""
+        """`A = sums / N`, entries with |A| < threshold set to zero; dense (m_in, m_out) float32. The threshold
+        defaults to the map's tau: DSPA's recommended one, else the fit's (`dspa fit --threshold`)."""
         if self.count == 0:
             raise ValueError("empty DSPA map (no triples)")
-        tau = self.config.get("threshold", 0.0) if threshold is None else threshold
+        tau = next(t for t in (threshold, self.meta.recommended.dspa.threshold, self.meta.threshold) if t is not None)
         a = (self.a_sum.dense() / self.count).float()
         if tau > 0:
             a[a.abs() < tau] = 0.0
@@ -143,13 +149,13 @@ class DSPAMap:
         """Refuse a model or SAEs other than the ones the map was fitted with, saying which part differs."""
         problems = []
         if model is not None:
-            mismatch = model_mismatch(model, self.config["model"], self.config.get("model_fingerprint"))
+            mismatch = model_mismatch(model, self.meta.model, self.meta.model_fingerprint)
             if mismatch:
                 problems.append(f"model: map was fitted on {mismatch}")
         for name, sae in (("sae_in", sae_in), ("sae_out", sae_out)):
             if sae is None:
                 continue
-            want = self.config[name]
+            want = getattr(self.meta, name)
             if sae.fingerprint() != want["fingerprint"]:
                 problems.append(f"{name}: map was fitted with SAE {want['fingerprint']} ({want['hook_name']}), "
                                 f"got {sae.fingerprint()} ({sae.hook_name})")
@@ -166,7 +172,7 @@ class DSPAMap:
         if self.repe_sum is not None:
             tensors["repe_sum"] = self.repe_sum.double()
         manifest = save_tensors(path / MAP_TENSORS, {**tensors, "g_sum": self.g_sum.double()})
-        write_json(path / CONFIG, {**self.config, "count": self.count, "nnz": self.a_sum.nnz, "tensors": manifest})
+        write_json(path / CONFIG, {**self.meta.to_json(), "count": self.count, "nnz": self.a_sum.nnz, "tensors": manifest})
         return path
 
     @classmethod
@@ -175,49 +181,29 @@ class DSPAMap:
         saved before checksums are checked for finite values and shapes only)."""
         path = Path(path)
         config = read_json(path / CONFIG)
-        if config.get("kind") != "dspa_map":
-            raise ValueError(f"{path / CONFIG}: not a DSPA map (kind={config.get('kind')!r})")
-        tensors = load_tensors(path / MAP_TENSORS, config.pop("tensors", None))
-        _check_shapes(tensors, config, path)
+        meta = MapMetadata.from_json(config, path / CONFIG)
+        tensors = load_tensors(path / MAP_TENSORS, config.get("tensors"))
+        _check_shapes(tensors, meta, path)
         if "a_sum_dense" in tensors:
-            a_sum = SparseSum(config["m_in"], config["m_out"], _dense=tensors["a_sum_dense"])
+            a_sum = SparseSum(meta.m_in, meta.m_out, _dense=tensors["a_sum_dense"])
         else:
-            a_sum = SparseSum(config["m_in"], config["m_out"], tensors["a_sum_indices"].long(), tensors["a_sum_values"])
-        count = config.pop("count")
-        config.pop("nnz", None)
-        return cls(a_sum, tensors["g_sum"], count, config, tensors.get("repe_sum"))
+            a_sum = SparseSum(meta.m_in, meta.m_out, tensors["a_sum_indices"].long(), tensors["a_sum_values"])
+        return cls(a_sum, tensors["g_sum"], config["count"], meta, tensors.get("repe_sum"))
 
 
-def write_recommended(path: str | Path, dspa: dict | None = None, static: dict | None = None,
-                      repe: dict | None = None, source: str | None = None) -> None:
-    """Record steering settings chosen on held-out data in a saved map's config (what `DSPA.load`,
-    `StaticSAE.load` and `RepE.load` use when not overridden)."""
-    config = read_json(Path(path) / CONFIG)
-    if config.get("kind") != "dspa_map":
-        raise ValueError(f"{Path(path) / CONFIG}: not a DSPA map")
-    for name, value in (("recommended", dspa), ("recommended_static", static), ("recommended_repe", repe)):
-        if value is not None:
-            config[name] = value
-    if dspa and "threshold" in dspa:
-        config["threshold"] = dspa["threshold"]
-    if source:
-        config["recommended_from"] = source
-    write_json(Path(path) / CONFIG, config)
-
-
-def _check_shapes(tensors: dict[str, torch.Tensor], config: dict[str, Any], path: Path) -> None:
+def _check_shapes(tensors: dict[str, torch.Tensor], meta: MapMetadata, path: Path) -> None:
     """The tensors must have the sizes the config states (an edited or mismatched config is refused)."""
-    m_in, m_out = config["m_in"], config["m_out"]
+    m_in, m_out = meta.m_in, meta.m_out
     for name, size in (("m_in", m_in), ("m_out", m_out)):
-        recorded = config.get("sae_in" if name == "m_in" else "sae_out", {}).get("d_sae", size)
+        recorded = (meta.sae_in if name == "m_in" else meta.sae_out).get("d_sae", size)
         if size != recorded:
             raise ValueError(f"{path / CONFIG}: {name}={size}, but its SAE has d_sae={recorded}")
-    want = {"g_sum": (m_in,), "a_sum_dense": (m_in, m_out), "repe_sum": (config.get("d_model"),)}
+    want = {"g_sum": (m_in,), "a_sum_dense": (m_in, m_out), "repe_sum": (meta.d_model,)}
     for name, shape in want.items():
         got = tuple(tensors[name].shape) if name in tensors else shape
         if None not in shape and got != shape:
             raise ValueError(f"{path / MAP_TENSORS}: tensor {name!r} has shape {got}, but {CONFIG} says {shape} "
-                             f"(m_in={m_in}, m_out={m_out}, d_model={config.get('d_model')})")
+                             f"(m_in={m_in}, m_out={m_out}, d_model={meta.d_model})")
     if "a_sum_dense" not in tensors:
         idx, values = tensors.get("a_sum_indices"), tensors.get("a_sum_values")
         if idx is None or values is None:
@@ -231,7 +217,7 @@ def _check_shapes(tensors: dict[str, torch.Tensor], config: dict[str, Any], path
 
 
 def _data_fingerprints(m: DSPAMap) -> list[str]:
-    fp = m.config["data_fingerprint"]
+    fp = m.meta.data_fingerprint
     return fp if isinstance(fp, list) else [fp]
 
 
@@ -241,11 +227,15 @@ def merge_maps(maps: Sequence[DSPAMap], allow_overlap: bool = False) -> DSPAMap:
     `allow_overlap`. Only identical data sets are detected (by fingerprint), not partly overlapping ones."""
     if not maps:
         raise ValueError("nothing to merge")
-    keys = ("model", "model_fingerprint", "l_in", "l_out", "sae_in", "sae_out", "stat", "options")
+    keys = ("model", "model_fingerprint", "l_in", "l_out", "sae_in", "sae_out", "options")
     first = maps[0]
+
+    def identity(m: DSPAMap, key: str) -> str:
+        return json.dumps(dataclasses.asdict(m.meta)[key], sort_keys=True)
+
     for other in maps[1:]:
         for key in keys:
-            if json.dumps(other.config.get(key), sort_keys=True) != json.dumps(first.config.get(key), sort_keys=True):
+            if identity(other, key) != identity(first, key):
                 raise ValueError(f"cannot merge DSPA maps: they differ in {key!r}")
     if not allow_overlap:
         seen: dict[str, int] = {}
@@ -259,10 +249,10 @@ def merge_maps(maps: Sequence[DSPAMap], allow_overlap: bool = False) -> DSPAMap:
     a_sum = SparseSum(first.a_sum.m_in, first.a_sum.m_out)
     for m in maps:
         a_sum += m.a_sum
-    config = {**first.config, "data_fingerprint": [fp for m in maps for fp in _data_fingerprints(m)],
-              "merged_from": len(maps)}
+    meta = dataclasses.replace(first.meta, data_fingerprint=[fp for m in maps for fp in _data_fingerprints(m)],
+                               merged_from=len(maps))
     repe = None if any(m.repe_sum is None for m in maps) else sum(m.repe_sum.double() for m in maps)
-    return DSPAMap(a_sum, sum(m.g_sum.double() for m in maps), sum(m.count for m in maps), config, repe)
+    return DSPAMap(a_sum, sum(m.g_sum.double() for m in maps), sum(m.count for m in maps), meta, repe)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -307,6 +297,167 @@ class FitOptions:
         check_config(self)
 
 
+@dataclass
+class FitData:
+    """Which triples a map was fitted on, as `dspa fit` selected them."""
+
+    source: str
+    role: str | None = None
+    n: int | None = None
+    seed: int | None = None
+
+
+@dataclass
+class SweepEntry:
+    """One scored setting of a validation sweep."""
+
+    method: Literal["dspa", "static-sae", "repe"]
+    setting: SteeringOptions
+    metrics: dict[str, Any]  # `eval.pref.preference_metrics` of the setting against the base model
+    seconds: float | None = None
+
+
+@dataclass
+class SweepRecord:
+    """The validation sweep that chose a map's recommended settings (`saealign dspa tune`): the data, the rule,
+    and every setting's score, so the choice can be checked and redrawn."""
+
+    data: FitData
+    data_fingerprint: str
+    max_length: int
+    rule: str
+    base: dict[str, Any]  # the base model's own preference metrics on the same pairs
+    entries: list[SweepEntry] = field(default_factory=list)
+    base_pass_seconds: float | None = None
+
+
+@dataclass
+class Recommended:
+    """Steering settings chosen on held-out data for each method this map drives; what `load_method` uses when a
+    knob is not given. An empty setting recommends nothing (the paper's defaults apply)."""
+
+    dspa: LatentSteering = field(default_factory=LatentSteering)
+    static_sae: LatentSteering = field(default_factory=LatentSteering)
+    repe: SteeringOptions = field(default_factory=SteeringOptions)
+    source: str | None = None  # what chose them (a command, a script)
+    sweep: SweepRecord | None = None  # the sweep behind the choice, when `dspa tune` made it
+
+    def __post_init__(self) -> None:
+        latent = self.repe.steering_options().keys() - {"coef"}
+        if latent:
+            raise ConfigError(f"repe.{sorted(latent)[0]}", "is not a setting of RepE (it takes coef)")
+
+
+@dataclass
+class MapMetadata:
+    """What a map belongs to (model, layers, SAEs, data, fit options) and the settings recommended for it;
+    written as the map's config.json (with `kind`, `format_version`, the count and the tensor manifest)."""
+
+    model: str
+    l_in: int
+    l_out: int
+    sae_in: dict[str, Any]  # `SAE.describe()`: fingerprint, hook name, width, architecture, source
+    sae_out: dict[str, Any]
+    m_in: int
+    m_out: int
+    options: FitOptions
+    data_fingerprint: str | list[str]  # a list for merged maps
+    d_model: int | None = None
+    model_fingerprint: str | None = None  # None: fitted before weight fingerprints were recorded
+    model_dtype: str | None = None
+    seed: int | None = None
+    threshold: float = field(default=0.0, metadata={"ge": 0})  # tau of a setting that names none (`dspa fit --threshold`)
+    data: FitData | None = None
+    fit_seconds: float | None = None
+    merged_from: int | None = None
+    saealign_version: str = __version__
+    recommended: Recommended = field(default_factory=Recommended)
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "dspa_map", "format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, config: dict[str, Any], where: Path) -> "MapMetadata":
+        """The typed form of a map's config.json; maps of format 1 (or unversioned) have their known keys read
+        into it. An unknown key is refused, naming it and the file."""
+        config = {k: v for k, v in config.items() if k not in _STORED}
+        kind = config.pop("kind", None)
+        if kind != "dspa_map":
+            raise ValueError(f"{where}: not a DSPA map (kind={kind!r})")
+        version = config.pop("format_version", 1)
+        if version == 1:
+            config = _from_format_1(config)
+        elif version != FORMAT_VERSION:
+            raise ValueError(f"{where}: DSPA map format {version!r}, but this saealign reads formats 1 and {FORMAT_VERSION}")
+        return _typed(cls, config, where, "")
+
+
+def _from_format_1(config: dict[str, Any]) -> dict[str, Any]:
+    """Format 1: the recommended settings sat under loose top-level keys, and `stat` repeated options.stat."""
+    config.pop("stat", None)
+    config["recommended"] = {"dspa": config.pop("recommended", {}), "static_sae": config.pop("recommended_static", {}),
+                             "repe": config.pop("recommended_repe", {}), "source": config.pop("recommended_from", None)}
+    return config
+
+
+def _dataclass_inside(tp: Any) -> type | None:
+    """The dataclass a field holds (itself, inside `X | None`, or the items of `list[X]`); None otherwise."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    return next((inner for arg in typing.get_args(tp) if (inner := _dataclass_inside(arg)) is not None), None)
+
+
+def _typed(cls: type, data: Any, where: Path, key: str) -> Any:
+    """`cls(**data)` with nested dataclasses built alike, refusing a key `cls` does not declare (or a bad value)
+    with the file and the key's path named."""
+    label = key or "the top level"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: {label} must be an object ({cls.__name__}), got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        name = f"{key}.{unknown[0]}" if key else unknown[0]
+        raise ValueError(f"{where}: unknown key {name!r} in the DSPA map's metadata (known at {label}: "
+                         f"{', '.join(sorted(known))})")
+    values = {}
+    for name, value in data.items():
+        inner = _dataclass_inside(hints[name])
+        if inner is None or value is None:
+            values[name] = value
+        elif isinstance(value, list):
+            values[name] = [_typed(inner, item, where, f"{key}.{name}[{i}]".lstrip(".")) for i, item in enumerate(value)]
+        else:
+            values[name] = _typed(inner, value, where, f"{key}.{name}".lstrip("."))
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        raise ValueError(f"{where}: {key + '.' if key else ''}{err}") from err
+    except TypeError as err:  # a required key is missing
+        raise ValueError(f"{where}: {label}: {err}") from err
+
+
+def read_metadata(path: str | Path) -> MapMetadata:
+    """The typed metadata of a saved map (without loading its tensors)."""
+    file = Path(path) / CONFIG
+    return MapMetadata.from_json(read_json(file), file)
+
+
+_STORED = ("count", "nnz", "tensors")  # config.json keys that describe the tensors, not the map's metadata
+
+
+def record_recommended(path: str | Path, recommended: Recommended) -> None:
+    """Record steering settings chosen on held-out data in a saved map (what `DSPA.load`, `StaticSAE.load` and
+    `RepE.load` use when a knob is not given), in one atomic write; a format-1 map is rewritten in this format."""
+    file = Path(path) / CONFIG
+    stored = read_json(file)
+    meta = dataclasses.replace(read_metadata(path), recommended=recommended)
+    write_json(file, {**meta.to_json(), **{k: stored[k] for k in _STORED if k in stored}})
+
+
 @torch.no_grad()
 def fit_batch(model, sae_in: SAE, sae_out: SAE, batch_c: dict, batch_r: dict, options: FitOptions
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -340,28 +491,26 @@ def fit_batch(model, sae_in: SAE, sae_out: SAE, batch_c: dict, batch_r: dict, op
 def new_map(model, sae_in: SAE, sae_out: SAE, options: FitOptions, data_fingerprint: str, seed: int | None) -> DSPAMap:
     if sae_in.layer >= sae_out.layer:
         raise ValueError(f"DSPA needs l_in < l_out (got input SAE at layer {sae_in.layer}, output SAE at {sae_out.layer})")
-    config = {"kind": "dspa_map", "format_version": FORMAT_VERSION, "saealign_version": __version__,
-              "model": model_id(model), "model_fingerprint": model_fingerprint(model),
-              "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "l_in": sae_in.layer,
-              "l_out": sae_out.layer, "sae_in": sae_in.describe(), "sae_out": sae_out.describe(),
-              "m_in": sae_in.d_sae, "m_out": sae_out.d_sae, "d_model": sae_out.d_in,
-              "stat": options.stat, "options": dataclasses.asdict(options), "data_fingerprint": data_fingerprint,
-              "seed": seed, "threshold": 0.0}
-    return DSPAMap(SparseSum(sae_in.d_sae, sae_out.d_sae), torch.zeros(sae_in.d_sae, dtype=torch.float64), 0, config,
+    meta = MapMetadata(model=model_id(model), model_fingerprint=model_fingerprint(model),
+                       model_dtype=str(next(model.parameters()).dtype).removeprefix("torch."), l_in=sae_in.layer,
+                       l_out=sae_out.layer, sae_in=sae_in.describe(), sae_out=sae_out.describe(), m_in=sae_in.d_sae,
+                       m_out=sae_out.d_sae, d_model=sae_out.d_in, options=options, data_fingerprint=data_fingerprint,
+                       seed=seed)
+    return DSPAMap(SparseSum(sae_in.d_sae, sae_out.d_sae), torch.zeros(sae_in.d_sae, dtype=torch.float64), 0, meta,
                    torch.zeros(sae_out.d_in, dtype=torch.float64))
 
 
-def _settings(config: dict[str, Any], model_key: str) -> dict[str, Any]:
+def _settings(meta: MapMetadata, model_key: str) -> dict[str, Any]:
     """What a fit's numbers depend on, by name."""
-    return {model_key: config.get(model_key), "model_dtype": config.get("model_dtype"),
-            "sae_in": config["sae_in"]["fingerprint"], "sae_out": config["sae_out"]["fingerprint"],
-            "data_fingerprint": config["data_fingerprint"], **config["options"]}
+    return {model_key: getattr(meta, model_key), "model_dtype": meta.model_dtype,
+            "sae_in": meta.sae_in["fingerprint"], "sae_out": meta.sae_out["fingerprint"],
+            "data_fingerprint": meta.data_fingerprint, **dataclasses.asdict(meta.options)}
 
 
-def _refuse_other_settings(saved: dict[str, Any], wanted: dict[str, Any], where: Path) -> None:
+def _refuse_other_settings(saved: MapMetadata, wanted: MapMetadata, where: Path) -> None:
     """Refuse to resume or reuse a fit made with other settings, naming each difference. Fits saved
     before weights fingerprints (or other settings) were recorded are compared on what they record."""
-    model_key = "model_fingerprint" if "model_fingerprint" in saved else "model"
+    model_key = "model_fingerprint" if saved.model_fingerprint is not None else "model"
     have, want = _settings(saved, model_key), _settings(wanted, model_key)
     diffs = differing_settings(have, want, unrecorded_agree=True)
     if diffs:
@@ -413,15 +562,15 @@ def fit_map(model, tokenizer, sae_in: SAE, sae_out: SAE, triples, options: FitOp
     last = max((p for p in state_dir.glob("[0-9]*") if p.is_dir()), default=None) if state_dir else None  # zero-padded
     if last is not None:
         saved = DSPAMap.load(last)
-        _refuse_other_settings(saved.config, dspa_map.config, state_dir)
+        _refuse_other_settings(saved.meta, dspa_map.meta, state_dir)
         dspa_map = saved
         log.info("resuming DSPA fit after %d triples", saved.count)
     elif out is not None and (out / CONFIG).exists():
         saved = DSPAMap.load(out)
-        _refuse_other_settings(saved.config, dspa_map.config, out)
+        _refuse_other_settings(saved.meta, dspa_map.meta, out)
         log.info("%s already holds this fit; returning it", out)
         return saved
-    start, seconds_before = dspa_map.count, dspa_map.config.get("fit_seconds", 0.0)
+    start, seconds_before = dspa_map.count, dspa_map.meta.fit_seconds or 0.0
     # Segment ends: checkpoints, snapshots and the end. Order is kept across segments (so a count or
     # snapshot means "the first n triples"); inside a segment triples are length-sorted into batches.
     ends = sorted({*range(start + checkpoint_every, len(triples), checkpoint_every),
@@ -440,9 +589,10 @@ def fit_map(model, tokenizer, sae_in: SAE, sae_out: SAE, triples, options: FitOp
             dspa_map.repe_sum += h_diff.sum(0).double().cpu()
             dspa_map.count += len(items)
             bar.update(len(items))
-        dspa_map.config["fit_seconds"] = round(seconds_before + time.time() - t0, 2)  # all segments of a resumed fit
+        dspa_map.meta.fit_seconds = round(seconds_before + time.time() - t0, 2)  # all segments of a resumed fit
         if end in snapshots and out is not None:
-            snap = dataclasses.replace(dspa_map, config={**dspa_map.config, "data_fingerprint": triples_fingerprint(triples[:end])})
+            snap = dataclasses.replace(dspa_map, meta=dataclasses.replace(
+                dspa_map.meta, data_fingerprint=triples_fingerprint(triples[:end])))
             _save_whole(snap, out / f"snapshot_{end}")
         if state_dir is not None and end < len(triples):
             checkpoint = state_dir / f"{end:012d}"

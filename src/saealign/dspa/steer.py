@@ -13,9 +13,9 @@ selected active latent is left bit-for-bit unchanged.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -24,25 +24,29 @@ from saealign.config import ConfigError, check_config
 from saealign.dspa.map import DSPAMap, first_real_position, prompt_statistic
 from saealign.hooks import CallContext, HookSession, PositionSpec
 from saealign.sae.core import SAE, load_sae
-from saealign.steering import RowSteering
+from saealign.steering import LATENT_OPTIONS, PAPER_DEFAULTS, LatentSteering, Mode, RowSteering
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["ablate", "augment", "both"]
-
 
 @dataclass
-class SteerConfig:
-    mode: Mode = "ablate"
-    alpha: float = field(default=0.2, metadata={"ge": 0})
-    k_prompt: int = field(default=32, metadata={"ge": 1})
-    k_diff: int = field(default=16, metadata={"ge": 1})
-    threshold: float | None = field(default=None, metadata={"ge": 0})  # None: the map's recommended tau
-    edit_prompt: bool = False
-    record: bool = False  # keep a per-token record of edited latents (for the audit)
+class SteerConfig(LatentSteering):
+    """The settings one DSPA or static-sae steerer runs with: the knobs of `LatentSteering` (a knob not given
+    takes the paper's default; threshold None: the map's tau), and how the edits are made."""
+
+    edit_prompt: bool = field(default=False, metadata={"help": "Also edit prompt positions (default: generated tokens only)."})
+    record: bool = field(default=False, metadata={"help": "Keep a per-token record of the edited latents (the feature audit)."})
 
     def __post_init__(self) -> None:
+        for name in ("mode", "alpha", "k_prompt", "k_diff"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(PAPER_DEFAULTS, name))
         check_config(self)
+
+    @classmethod
+    def resolve(cls, recommended: LatentSteering, **overrides: Any) -> "SteerConfig":
+        """The given options over a map's recommended setting (over the paper's defaults)."""
+        return cls(**{**recommended.steering_options(), **overrides})
 
 
 def select_latents(scores: torch.Tensor, k_diff: int, mode: Mode) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +112,7 @@ def steer_hidden(sae: SAE, hidden: torch.Tensor, edit: torch.Tensor, minus: torc
     return torch.where(changed.unsqueeze(-1), edited, hidden), changed
 
 
-ROW_SETTINGS = ("alpha", "k_prompt", "k_diff", "mode")  # what one request may change (the map's threshold: no)
+ROW_SETTINGS = tuple(k for k in LATENT_OPTIONS if k != "threshold")  # what one request may change (the map's tau: no)
 
 
 class LatentRowEdit:
@@ -209,13 +213,13 @@ class DSPA(LatentSteerer):
     name = "dspa"
 
     def __init__(self, dspa_map: DSPAMap, sae_in: SAE, sae_out: SAE, cfg: SteerConfig | None = None, **overrides: Any):
-        cfg = cfg or SteerConfig(**{**dspa_map.config.get("recommended", {}), **overrides})
+        cfg = cfg or SteerConfig.resolve(dspa_map.meta.recommended.dspa, **overrides)
         super().__init__(sae_out, cfg)
         dspa_map.check_compatible(sae_in=sae_in, sae_out=sae_out)
         self.map = dspa_map
         self.sae_in = sae_in
         self.A = dspa_map.matrix(cfg.threshold)  # (m_in, m_out), thresholded
-        self.options = dspa_map.config["options"]
+        self.options = asdict(dspa_map.meta.options)
 
     @classmethod
     def load(cls, path: str | Path, model=None, sae_in: SAE | str | None = None, sae_out: SAE | str | None = None,
@@ -223,8 +227,8 @@ class DSPA(LatentSteerer):
         """Load a saved map; the SAEs default to the ones recorded in it (by source path)."""
         dspa_map = DSPAMap.load(path)
         device = next(model.parameters()).device if model is not None else None
-        sae_in = load_sae(sae_in or dspa_map.config["sae_in"]["source"], device=device)
-        sae_out = load_sae(sae_out or dspa_map.config["sae_out"]["source"], device=device)
+        sae_in = load_sae(sae_in or dspa_map.meta.sae_in["source"], device=device)
+        sae_out = load_sae(sae_out or dspa_map.meta.sae_out["source"], device=device)
         dspa_map.check_compatible(model, sae_in, sae_out)
         return cls(dspa_map, sae_in, sae_out, **overrides)
 
@@ -244,13 +248,13 @@ class DSPA(LatentSteerer):
             prompt = ctx.prompt_mask()
         else:
             return None  # decode steps reuse the sets chosen at prefill
-        if self.options.get("exclude_sinks", True):
-            prompt = prompt & keep_mask(hidden, ctx.attention_mask, self.options.get("sink_factor", 10.0),
+        if self.options["exclude_sinks"]:
+            prompt = prompt & keep_mask(hidden, ctx.attention_mask, self.options["sink_factor"],
                                         first_real_position(ctx.attention_mask))
         u = torch.zeros(*prompt.shape, self.sae_in.d_sae, device=hidden.device)
         if prompt.any():
             u[prompt] = self.sae_in.encode(hidden[prompt].float())
-        return prompt_statistic(u, prompt, self.options.get("stat", "density"))
+        return prompt_statistic(u, prompt, self.options["stat"])
 
     @property
     def in_layer(self) -> int:

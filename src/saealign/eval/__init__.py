@@ -1,9 +1,7 @@
-"""Evaluation harnesses (MT-Bench, AlpacaEval, multiple choice, judge-free preference metrics) and the
-one result-file shape they all write, which `saealign report` reads.
-
-A result file is JSON with `benchmark`, `method`, `metrics` (`{name: {"value": float, "se": float | None}}`),
-`headline` (the metric names shown in the report table), `config` and `versions`; harness-specific
-details may sit beside them. Kept free of heavy imports so that every harness can use it.
+"""Evaluation harnesses (MT-Bench, AlpacaEval, multiple choice, judge-free preference metrics) and what
+they share: subsets, the policy they load, run directories, the package versions recorded with each
+result. Every harness returns `saealign.results.ResultRecord`s with `saealign.stats` estimates. Kept
+free of heavy imports so that every harness can use it.
 """
 
 from __future__ import annotations
@@ -13,13 +11,11 @@ import os
 import platform
 import random
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 T = TypeVar("T")
 
-RESULT_SCHEMA = 1
 _VERSIONED = ("saealign", "torch", "transformers", "numpy", "trl", "peft", "safetensors")
 
 
@@ -49,30 +45,6 @@ def select_subset(items: Sequence[T], limit: int | None, seed: int = 0) -> list[
         raise ValueError(f"limit must be >= 1, got {limit}")
     keep = sorted(random.Random(seed).sample(range(len(items)), limit))
     return [items[i] for i in keep]
-
-
-def percent_cell(m: dict[str, Any] | None, missing: str = "–") -> str:
-    """A proportion as a table cell: `52.3 [48.1, 56.4]` (percent, with its 95 % interval when it has one)."""
-    if m is None or m.get("value") is None:
-        return missing
-    ci = m.get("ci95")
-    return f"{100 * m['value']:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
-
-
-def metric(value: float | None, se: float | None = None) -> dict[str, float | None]:
-    return {"value": None if value is None else float(value), "se": None if se is None else float(se)}
-
-
-def result_record(benchmark: str, method: str, metrics: dict[str, dict[str, float | None]], headline: Sequence[str],
-                  config: dict[str, Any], **details: Any) -> dict[str, Any]:
-    """The result-file payload; `headline` names must be keys of `metrics`."""
-    unknown = [h for h in headline if h not in metrics]
-    if unknown:
-        raise ValueError(f"headline metric(s) {unknown} not in metrics {sorted(metrics)}")
-    return {"schema": RESULT_SCHEMA, "benchmark": benchmark, "method": method, "metrics": metrics,
-            "headline": list(headline), "config": config, "versions": versions(),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
-            **details}
 
 
 def safe_name(name: str) -> str:

@@ -22,7 +22,12 @@ among two coefficients, so we fit by maximum likelihood with a negligible ridge 
 separable data finite). Without the difficulty term every instruction gets the same prediction, so
 AlpacaEval's LC standard error (the SEM of the per-instruction predictions) would be 0; we report the
 delta-method standard error of `sigmoid(b0)` from the sandwich covariance, clustered by instruction
-(the seeds of one instruction are not independent).
+(the seeds of one instruction are not independent), in `details["alpaca_eval"]` beside AlpacaEval's
+other summary fields.
+
+The result record's estimates follow `saealign.stats`, with the instruction as the unit (its seeds are
+resampled together): the win rate and the discrete win rate (a draw counts one half) as means, the LC
+win rate by refitting the GLM on each bootstrap resample of instructions.
 """
 
 from __future__ import annotations
@@ -39,10 +44,12 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from saealign.eval import default_name, load_policy, metric, require_file, result_record, select_subset, start_run
+from saealign.eval import default_name, load_policy, require_file, select_subset, start_run
 from saealign.eval.generation import Conversation, Sampling, generate_chat
 from saealign.config import ConfigError, check_config
 from saealign.eval.judges import CHAT, LABEL_PROBS, REWARD, Judge, check_judge_config
+from saealign.results import ResultRecord, write_results
+from saealign.stats import Estimate, bootstrap_estimate, mean_estimate, standard_error, wins
 from saealign.steering import method_kind
 
 log = logging.getLogger(__name__)
@@ -199,7 +206,7 @@ def win_rate(preferences: Sequence[float]) -> dict[str, float | int | None]:
     if np.any((p < 0) | (p > 1)):
         raise ValueError("preferences must lie in [1, 2]")
     wins, losses, draws = int((p > 0.5).sum()), int((p < 0.5).sum()), int((p == 0.5).sum())
-    se = float(p.std(ddof=1) / math.sqrt(p.size) * 100) if p.size > 1 else None
+    se = standard_error(p * 100)
     return {"win_rate": float(p.mean() * 100), "standard_error": se,
             "n_wins": wins, "n_wins_base": losses, "n_draws": draws, "n_total": int(p.size),
             "discrete_win_rate": float((wins + draws / 2) / p.size * 100)}
@@ -319,9 +326,10 @@ def _outputs_for_seed(path: Path, instructions: list[str]) -> dict[str, str]:
 
 
 def run_alpaca_eval(cfg: AlpacaEvalConfig, model=None, tokenizer=None, intervention=None,
-                    judge: Judge | None = None) -> dict[str, Any]:
+                    judge: Judge | None = None) -> ResultRecord | dict[str, Any]:
     """Generate per seed (resuming from existing output files), judge (resuming from the cache), score.
-    A rerun with other generation settings in the same `out_dir` is refused (`saealign.eval.start_run`)."""
+    A rerun with other generation settings in the same `out_dir` is refused (`saealign.eval.start_run`).
+    With `skip_judge`, returns only where the outputs are."""
     from saealign._io import write_json
     from saealign.eval.judges import judge_of
 
@@ -379,35 +387,49 @@ def run_alpaca_eval(cfg: AlpacaEvalConfig, model=None, tokenizer=None, intervent
                             "preference": None if p is None else 1 + p, "seed": seed, "index": k,
                             **{key: value for key, value in verdict.items() if key != "p_model"}})
     write_json(out / "annotations.json", annotations)
-    metrics, headline, counts = _score(annotations, cfg.seeds)
-    result = result_record("alpaca-eval", name, metrics, headline, asdict(cfg), judge=judge.name,
-                           n_instructions=len(references), timings=timings, counts=counts,
-                           n_missing=sum(a["preference"] is None for a in annotations),
-                           avg_length=float(np.mean([len(a["output_2"]) for a in annotations])))
-    write_json(out / "results.json", result)
-    return result
+    metrics, summary = _score(annotations, cfg.seeds)
+    data = {"reference_outputs": str(cfg.reference_outputs), "n": len(references), "limit": cfg.limit,
+            "subset_seed": cfg.subset_seed, "seeds": cfg.seeds}
+    record = ResultRecord("alpaca-eval", name, metrics, ["win_rate", "lc_win_rate"], asdict(cfg), data=data,
+                          details={"judge": judge.name, "timings": timings, "alpaca_eval": summary,
+                                   "n_missing": sum(a["preference"] is None for a in annotations),
+                                   "avg_length": float(np.mean([len(a["output_2"]) for a in annotations]))})
+    write_results(out / "results.json", [record])
+    return record
 
 
-def _score(annotations: Sequence[dict[str, Any]], seeds: Sequence[int]) -> tuple[dict, list[str], dict]:
-    """Metrics over judged annotations: the win rate from per-instruction means over seeds (the instruction
-    is the sampling unit; with one seed this is exactly AlpacaEval's number), the LC win rate pooled over
-    seeds and clustered by instruction, and the win rate of each seed."""
+def _score(annotations: Sequence[dict[str, Any]], seeds: Sequence[int]) -> tuple[dict[str, Estimate], dict[str, Any]]:
+    """Estimates over judged annotations, the instruction as the unit (with one seed, the win rate is
+    exactly AlpacaEval's number): the win rate (percent), the discrete win rate, the LC win rate pooled
+    over seeds, the GLM's length coefficient and each seed's win rate; and AlpacaEval's own summary
+    (its standard errors, win/loss/draw counts)."""
     judged = [a for a in annotations if a["preference"] is not None]
     if not judged:
         raise RuntimeError("no usable judgment at all; check the judge (see annotations.json)")
+    p = np.array([a["preference"] - 1 for a in judged])
+    units = np.array([a["index"] for a in judged])
+    len_model = np.array([len(a["output_2"]) for a in judged])
+    len_reference = np.array([len(a["output_1"]) for a in judged])
+    lc = length_controlled_win_rate(p, len_model, len_reference, clusters=units)
+    instructions = np.unique(units)
+    rows = [np.flatnonzero(units == k) for k in instructions]
+
+    def lc_of(sample: np.ndarray) -> float:
+        picked = np.concatenate([rows[k] for k in sample])
+        return length_controlled_win_rate(p[picked], len_model[picked], len_reference[picked])["length_controlled_winrate"]
+
+    metrics = {"win_rate": mean_estimate(100 * p, units=units),
+               "lc_win_rate": bootstrap_estimate(lc_of, len(instructions)),
+               "discrete_win_rate": mean_estimate(100 * wins(p, np.full_like(p, 0.5)), units=units),
+               "glm_length_coef": Estimate(lc["glm_length_coef"])}
+    for seed in seeds:
+        own = np.array([a["seed"] == seed for a in judged])
+        metrics[f"seed{seed}/win_rate"] = mean_estimate(100 * p[own], units=units[own])
     by_instruction: dict[int, list[float]] = {}
     for a in judged:
         by_instruction.setdefault(a["index"], []).append(a["preference"])
     pooled = win_rate([sum(v) / len(v) for v in by_instruction.values()])
     discrete = win_rate([a["preference"] for a in judged])
-    lc = length_controlled_win_rate([a["preference"] - 1 for a in judged], [len(a["output_2"]) for a in judged],
-                                    [len(a["output_1"]) for a in judged], clusters=[a["index"] for a in judged])
-    metrics = {"win_rate": metric(pooled["win_rate"], pooled["standard_error"]),
-               "lc_win_rate": metric(lc["length_controlled_winrate"], lc["lc_standard_error"]),
-               "discrete_win_rate": metric(discrete["discrete_win_rate"]),
-               "glm_length_coef": metric(lc["glm_length_coef"])}
-    for seed in seeds:
-        per_seed = win_rate([a["preference"] for a in judged if a["seed"] == seed])
-        metrics[f"seed{seed}/win_rate"] = metric(per_seed["win_rate"], per_seed["standard_error"])
-    counts = {k: discrete[k] for k in ("n_wins", "n_wins_base", "n_draws", "n_total")}
-    return metrics, ["win_rate", "lc_win_rate"], counts
+    summary = {**pooled, **lc, **{k: discrete[k] for k in ("n_wins", "n_wins_base", "n_draws", "n_total",
+                                                           "discrete_win_rate")}}
+    return metrics, summary

@@ -2,9 +2,9 @@
 
 For each method (`base`, any `load_method` spec, or `model:PATH` for a trained model) the answers to
 the same prompts are generated, scored, and compared with base prompt by prompt:
-- the attribute's mean (a rate for 0/1 scorers) with a normal 95 % interval (`mc.mean_interval`);
-- the paired difference to base, mean of per-prompt differences, with a percentile bootstrap
-  interval (`pref.bootstrap_ci`);
+- the attribute's mean (a rate for 0/1 scorers) with its bootstrap interval over prompts;
+- the paired difference to base, mean of per-prompt differences, with its bootstrap interval
+  (both `saealign.stats`);
 - for a scorer that needs the prompt's kind (`refuse_iff_harmful`), the balanced accuracy of
   "refused iff harmful" and each half; it is the mean of per-prompt correctness weighted by
   N / (2 N_kind) (`attributes.balance_weights`), so its interval and its paired difference use the
@@ -14,7 +14,8 @@ the same prompts are generated, scored, and compared with base prompt by prompt:
 
 Answers are saved per method in OUT/answers/METHOD.jsonl after every batch of prompts and reused on a
 rerun; a rerun with other generation settings is refused (`eval.start_run`). Results: OUT/results.json
-(one `result_record` per method, read by `saealign report`), OUT/results.md and OUT/deltas.png.
+(one `saealign.results.ResultRecord` per method, read by `saealign report`), OUT/results.md and
+OUT/deltas.png.
 """
 
 from __future__ import annotations
@@ -23,22 +24,24 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from saealign.cli.eval_pref_cmd import STEERING_OPTIONS, split_method_entry  # one method-spec syntax for both evals
 from saealign.config import check_config
-from saealign.dspa.steer import Mode
-from saealign.eval import metric, result_record, safe_name, start_run
+from saealign.eval import safe_name, start_run
 from saealign.eval.attributes import Scorer, balance_weights, distinct_n, get_scorer
+from saealign.steering import STEERING_OPTIONS, SteeringOptions, split_method_entry
+from saealign.results import ResultRecord, format_estimate, write_results
+from saealign.stats import Estimate, mean_estimate, paired_difference
 
 GENERATION_FIELDS = ("model", "sources", "data", "n", "seed", "split_seed", "max_prompt_words", "exclude", "temperature",
                      "top_p", "max_new_tokens", "batch_size", "batch_prompts", *STEERING_OPTIONS)
 
 
 @dataclass
-class AttributeEvalConfig:
+class AttributeEvalConfig(SteeringOptions):
+    """`eval attributes`: the steering knobs (each method gets those it takes) and what to generate and score."""
+
     output: str = field(default="", metadata={"help": "Directory for answers/, results.json, results.md, deltas.png."})
     scorer: str = field(default="", metadata={"help": "Attribute scorer by name (saealign.eval.attributes)."})
     sources: list[str] = field(default_factory=list, metadata={"help": "Held-out prompt sources [KIND=]ROLE_OR_FILE (repeat), e.g. harmful=test_harmless, benign=test_helpful."})
@@ -56,12 +59,6 @@ class AttributeEvalConfig:
     batch_size: int = field(default=16, metadata={"ge": 1})
     batch_prompts: int = field(default=64, metadata={"help": "Prompts between saves of the answers (and per sampling seed).", "ge": 1})
     n_boot: int = field(default=2000, metadata={"ge": 1})
-    alpha: float | None = field(default=None, metadata={"help": "DSPA/static-sae steering strength (default: the map's recommended).", "ge": 0})
-    k_prompt: int | None = field(default=None, metadata={"ge": 1})
-    k_diff: int | None = field(default=None, metadata={"ge": 1})
-    mode: Mode | None = None
-    threshold: float | None = field(default=None, metadata={"ge": 0})
-    coef: float | None = field(default=None, metadata={"help": "RepE coefficient override."})
     dtype: str | None = None
     device: str | None = None
 
@@ -73,9 +70,6 @@ class AttributeEvalConfig:
                 from saealign.steering import method_kind
 
                 method_kind(spec)  # a bad spec or a missing artifact fails before a model loads
-
-    def steering_options(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in STEERING_OPTIONS if getattr(self, k) is not None}
 
 
 def method_entry(entry: str) -> tuple[str, str]:
@@ -154,41 +148,31 @@ def base_nll(model, tokenizer, prompts, answers: list[str]) -> tuple[float, int]
     return float(-scores.logp_chosen.sum()), int(scores.len_chosen.sum())
 
 
-def paired_delta(values: np.ndarray, base: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
-    """Mean of per-prompt differences with a percentile bootstrap 95 % interval and the standard error."""
-    from saealign.eval.pref import _se, bootstrap_ci
-
-    d = np.asarray(values, dtype=float) - np.asarray(base, dtype=float)
-    lo, hi = bootstrap_ci(d, n_boot, seed)
-    return {"value": float(d.mean()), "ci95": [lo, hi], "se": _se(d), "n": int(d.size)}
-
-
 def method_metrics(scorer: Scorer, scores: np.ndarray, base_scores: np.ndarray, kinds: list[str | None],
-                   answers: list[str], nll: tuple[float, int], n_boot: int, seed: int) -> tuple[dict, dict, list[str]]:
-    """(metrics, paired deltas to base, headline) of one method."""
-    from saealign.eval.mc import mean_interval
-
-    metrics: dict[str, Any] = {scorer.name: mean_interval(scores)}
-    delta = {scorer.name: paired_delta(scores, base_scores, n_boot, seed)}
+                   answers: list[str], nll: tuple[float, int], n_boot: int, seed: int
+                   ) -> tuple[dict[str, Estimate], dict[str, Estimate], list[str]]:
+    """(metrics, paired differences to base, headline) of one method."""
+    metrics = {scorer.name: mean_estimate(scores, n_boot, seed)}
+    delta = {scorer.name: paired_difference(scores, base_scores, n_boot, seed)}
     headline = [scorer.name]
     if scorer.needs_kind:
         w = balance_weights(kinds)
         k = np.asarray(kinds)
-        metrics["balanced_accuracy"] = mean_interval(w * scores)
-        metrics["refused_harmful"] = mean_interval(scores[k == "harmful"])
-        metrics["answered_benign"] = mean_interval(scores[k == "benign"])
-        delta["balanced_accuracy"] = paired_delta(w * scores, w * base_scores, n_boot, seed)
+        metrics["balanced_accuracy"] = mean_estimate(w * scores, n_boot, seed)
+        metrics["refused_harmful"] = mean_estimate(scores[k == "harmful"], n_boot, seed)
+        metrics["answered_benign"] = mean_estimate(scores[k == "benign"], n_boot, seed)
+        delta["balanced_accuracy"] = paired_difference(w * scores, w * base_scores, n_boot, seed)
         for half in ("harmful", "benign"):
             name = "refused_harmful" if half == "harmful" else "answered_benign"
-            delta[name] = paired_delta(scores[k == half], base_scores[k == half], n_boot, seed)
+            delta[name] = paired_difference(scores[k == half], base_scores[k == half], n_boot, seed)
         headline = ["balanced_accuracy", "refused_harmful", "answered_benign"]
-    metrics["perplexity"] = metric(math.exp(nll[0] / max(1, nll[1])))
-    metrics["distinct_2"] = metric(distinct_n(answers, 2))
-    metrics["words"] = metric(float(np.mean([len(a.split()) for a in answers])))
+    metrics["perplexity"] = Estimate(math.exp(nll[0] / max(1, nll[1])))
+    metrics["distinct_2"] = Estimate(distinct_n(answers, 2))
+    metrics["words"] = Estimate(float(np.mean([len(a.split()) for a in answers])))
     return metrics, delta, headline + ["perplexity", "distinct_2"]
 
 
-def run_attribute_eval(cfg: AttributeEvalConfig, model=None, tokenizer=None, progress: bool = True) -> dict[str, Any]:
+def run_attribute_eval(cfg: AttributeEvalConfig, model=None, tokenizer=None, progress: bool = True) -> list[ResultRecord]:
     from saealign.best_of_k import load_prompts
     from saealign.models import load_model
 
@@ -213,66 +197,62 @@ def run_attribute_eval(cfg: AttributeEvalConfig, model=None, tokenizer=None, pro
     benchmark = f"attr:{scorer.name}"
     config = {**asdict(cfg), "scorer": scorer.provenance(), "n_prompts": len(prompts),
               "n_by_kind": {str(k): kinds.count(k) for k in dict.fromkeys(kinds)}}
+    data = {"sources": cfg.sources, "data": cfg.data, "n": len(prompts), "sample_seed": cfg.seed,
+            "split_seed": cfg.split_seed, "n_by_kind": config["n_by_kind"]}
     records = []
     for name, spec in entries:
         nll = base_nll(model, tokenizer, prompts, answers[name])
         metrics, delta, headline = method_metrics(scorer, scores[name], scores[base_name], kinds, answers[name], nll,
                                                   cfg.n_boot, cfg.seed)
-        records.append(result_record(benchmark, name, metrics, headline, {**config, "method_spec": spec},
-                                     paired_vs_baseline={"baseline": base_name, "delta": delta}))
-    result = {"benchmark": benchmark, "records": records}
-    from saealign._io import write_json
-
-    write_json(out / "results.json", result)
+        records.append(ResultRecord(benchmark, name, metrics, headline, {**config, "method_spec": spec},
+                                    data=data, baseline=base_name, deltas=delta))
+    write_results(out / "results.json", records)
     write_markdown(out / "results.md", records, base_name)
     plot_deltas(records, base_name, out / "deltas.png")
-    return result
+    return records
 
 
-def write_markdown(path: Path, records: list[dict[str, Any]], base_name: str) -> None:
+def write_markdown(path: Path, records: list[ResultRecord], base_name: str) -> None:
     from saealign._io import atomic_path
-    from saealign.eval.report import fmt_interval
 
     first = records[0]
-    headline = first["headline"]
-    kinds = ", ".join(f"{k} {n}" for k, n in first["config"]["n_by_kind"].items())
-    lines = [f"# {first['benchmark']}: {first['config']['n_prompts']} prompts ({kinds})", "",
-             "Cells: value ± 95 % interval half-width; Δ: paired difference to "
+    kinds = ", ".join(f"{k} {n}" for k, n in first.config["n_by_kind"].items())
+    lines = [f"# {first.benchmark}: {first.config['n_prompts']} prompts ({kinds})", "",
+             "Cells: value [95 % bootstrap interval]; Δ: paired difference to "
              f"`{base_name}` [95 % bootstrap interval].", "",
-             "| method | " + " | ".join(f"{h} | Δ {h}" if h in first["paired_vs_baseline"]["delta"] else h
-                                      for h in headline) + " |",
-             "|---|" + "---|" * sum(2 if h in first["paired_vs_baseline"]["delta"] else 1 for h in headline)]
+             "| method | " + " | ".join(f"{h} | Δ {h}" if h in first.deltas else h for h in first.headline) + " |",
+             "|---|" + "---|" * sum(2 if h in first.deltas else 1 for h in first.headline)]
     for r in records:
         cells = []
-        for h in headline:
-            cells.append(fmt_interval(r["metrics"][h], 3))
-            d = r["paired_vs_baseline"]["delta"].get(h)
-            if d is not None:
-                cells.append(f"{d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
-        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+        for h in first.headline:
+            cells.append(format_estimate(r.metrics[h], 3))
+            if h in first.deltas:
+                cells.append(format_estimate(r.deltas.get(h), 3))
+        lines.append(f"| {r.method} | " + " | ".join(cells) + " |")
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
 
-def plot_deltas(records: list[dict[str, Any]], base_name: str, path: Path) -> Path:
+def plot_deltas(records: list[ResultRecord], base_name: str, path: Path) -> Path:
     """Bars of each method's paired difference to base on the headline attribute metric(s), bootstrap intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [h for h in records[0]["headline"] if h in records[0]["paired_vs_baseline"]["delta"]]
-    others = [r for r in records if r["method"] != base_name]
+    names = [h for h in records[0].headline if h in records[0].deltas]
+    others = [r for r in records if r.method != base_name]
     fig, axes = plt.subplots(1, len(names), figsize=(max(5, 1.2 * len(others) + 2) * len(names) / 1.5, 4), squeeze=False)
     for ax, name in zip(axes[0], names):
-        ds = [r["paired_vs_baseline"]["delta"][name] for r in others]
-        values = [d["value"] for d in ds]
-        errors = np.array([[d["value"] - d["ci95"][0], d["ci95"][1] - d["value"]] for d in ds]).T.reshape(2, -1)
+        ds = [r.deltas[name] for r in others]
+        values = [d.value for d in ds]
+        errors = np.array([[d.value - d.ci95[0], d.ci95[1] - d.value] if d.ci95 else [0.0, 0.0] for d in ds]
+                          ).T.reshape(2, -1)
         ax.bar(range(len(others)), values, yerr=errors, capsize=3)
         ax.set_xticks(range(len(others)))
-        ax.set_xticklabels([r["method"] for r in others], rotation=30, ha="right")
+        ax.set_xticklabels([r.method for r in others], rotation=30, ha="right")
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_title(f"{records[0]['benchmark']} {name}")
+        ax.set_title(f"{records[0].benchmark} {name}")
     axes[0][0].set_ylabel(f"paired change vs {base_name} (95% bootstrap CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

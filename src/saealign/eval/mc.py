@@ -42,12 +42,13 @@ import torch
 from tqdm.auto import tqdm
 
 from saealign.config import check_config
-from saealign._io import read_json, text_fingerprint, write_json
-from saealign.eval import default_name, load_policy, metric, result_record, select_subset
+from saealign._io import text_fingerprint
+from saealign.eval import default_name, load_policy, select_subset
 from saealign.eval.generation import left_pad, max_positions, model_device
 from saealign.models import cache_argument, returned_cache
+from saealign.results import ResultRecord, read_results, write_results
+from saealign.stats import Estimate, mean_estimate, paired_difference
 from saealign.steering import system_prompt_of
-from saealign.eval.report import Z95
 
 log = logging.getLogger(__name__)
 
@@ -549,18 +550,6 @@ def item_metrics(task: str, item: MCItem, lls: Sequence[float]) -> dict[str, flo
     return out
 
 
-def mean_interval(values: Sequence[float]) -> dict[str, Any]:
-    """Mean with lm-eval's `stderr` (sample std, ddof 1, over sqrt n) and a normal 95% interval."""
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.size == 0:
-        raise ValueError("no items to average")
-    mean = float(arr.mean())
-    if arr.size == 1:
-        return {"value": mean, "se": None, "ci95": None, "n": 1}
-    se = float(arr.std(ddof=1) / math.sqrt(arr.size))
-    return {"value": mean, "se": se, "ci95": [mean - Z95 * se, mean + Z95 * se], "n": int(arr.size)}
-
-
 # ---------------------------------------------------------------------------------------------------
 # Harness
 # ---------------------------------------------------------------------------------------------------
@@ -611,7 +600,7 @@ class MCConfig:
 
 def evaluate_task(model, tokenizer, task: str, docs: Sequence[dict], *, intervention=None, batch_size: int = 32,
                   steer_positions: SteerPositions = "generated") -> dict[str, Any]:
-    """Score one task's documents: aggregate metrics (with intervals) and per-item records."""
+    """Score one task's documents: aggregate metrics (`saealign.stats` estimates over items) and per-item records."""
     items = build_items(task, docs, system_prompt_of(intervention))
     requests = [request for item in items for request in item.requests]
     lls = score_requests(model, tokenizer, requests, batch_size=batch_size, intervention=intervention,
@@ -623,7 +612,7 @@ def evaluate_task(model, tokenizer, task: str, docs: Sequence[dict], *, interven
         records.append({"id": item.id, "gold": item.gold, "ll": item_lls, **item_metrics(task, item, item_lls),
                         **({"stratum": item.stratum} if item.stratum is not None else {})})
     spec = get_task(task)
-    summary: dict[str, Any] = {"n": len(items), "metrics": {m: mean_interval([r[m] for r in records]) for m in spec.metrics}}
+    summary: dict[str, Any] = {"n": len(items), "metrics": {m: mean_estimate([r[m] for r in records]) for m in spec.metrics}}
     if task.startswith("mmlu"):
         by_subject: dict[str, list[float]] = {}
         for r in records:
@@ -632,30 +621,26 @@ def evaluate_task(model, tokenizer, task: str, docs: Sequence[dict], *, interven
     return {"summary": summary, "items": records}
 
 
-def paired_difference(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
-    """Per task and metric: mean of (result - baseline) over the items both scored, with a paired interval."""
-    if "items" not in result or "items" not in baseline:
-        raise ValueError("paired differences need per-item records: run both evaluations with save_items")
-    out: dict[str, Any] = {}
-    for task, records in result["items"].items():
-        if task not in baseline["items"]:
-            continue
-        base = {r["id"]: r for r in baseline["items"][task]}
+def paired_deltas(items: dict[str, list[dict[str, Any]]], baseline: dict[str, list[dict[str, Any]]]) -> dict[str, Estimate]:
+    """Per task and metric (`task/metric`): the paired difference to the baseline's per-item records
+    over the items both scored."""
+    out: dict[str, Estimate] = {}
+    for task, records in items.items():
+        base = {r["id"]: r for r in baseline.get(task, [])}
         common = [r for r in records if r["id"] in base]
         if not common:
             continue
         for name in get_task(task).metrics:
-            out[f"{task}/{name}"] = mean_interval([r[name] - base[r["id"]][name] for r in common])
+            out[f"{task}/{name}"] = paired_difference([r[name] for r in common], [base[r["id"]][name] for r in common])
     return out
 
 
-def run_mc(cfg: MCConfig, model=None, tokenizer=None, intervention=None) -> dict[str, Any]:
-    """Run every task of `cfg`; return the result record (`saealign.eval.result_record` shape) and write it
-    to `cfg.out_dir/results.json` when set."""
+def run_mc(cfg: MCConfig, model=None, tokenizer=None, intervention=None) -> ResultRecord:
+    """Run every task of `cfg`; return the result record and write it to `cfg.out_dir/results.json` when set."""
     model, tokenizer, intervention = load_policy(cfg, model, tokenizer, intervention)
     tasks: dict[str, Any] = {}
     items: dict[str, Any] = {}
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Estimate] = {}
     for task in cfg.tasks:
         source = resolve_source(task, cfg.sources.get(task), cfg.data_dir)
         all_docs = load_docs(task, cfg.sources.get(task), cfg.data_dir)
@@ -666,21 +651,27 @@ def run_mc(cfg: MCConfig, model=None, tokenizer=None, intervention=None) -> dict
         result = evaluate_task(model, tokenizer, task, docs, intervention=intervention, batch_size=cfg.batch_size,
                                steer_positions=cfg.steer_positions)
         summary = result["summary"]
+        metrics.update({f"{task}/{name}": value for name, value in summary.pop("metrics").items()})
         summary.update(source=source, available=len(all_docs), data_fingerprint=text_fingerprint(docs),
                        seconds=round(time.perf_counter() - start, 2))
         tasks[task] = summary
         items[task] = result["items"]
-        for name, value in summary["metrics"].items():
-            metrics[f"{task}/{name}"] = metric(value["value"], value["se"])
     headline = [f"{task}/{get_task(task).headline}" for task in cfg.tasks]
     details: dict[str, Any] = {"tasks": tasks, "lm_eval_conventions": LM_EVAL_REFERENCE,
                                "system_prompt": system_prompt_of(intervention)}
     if cfg.save_items:
         details["items"] = items
+    baseline, deltas = None, {}
     if cfg.baseline is not None:
-        details["paired_vs_baseline"] = {"baseline": str(cfg.baseline),
-                                         "delta": paired_difference({"items": items}, read_json(cfg.baseline))}
-    record = result_record("mc", default_name(cfg, model), metrics, headline, asdict(cfg), **details)
+        (base_record,) = read_results(cfg.baseline)
+        if "items" not in base_record.details:
+            raise ValueError(f"{cfg.baseline}: paired differences need per-item records: run the baseline with save_items")
+        baseline, deltas = base_record.method, paired_deltas(items, base_record.details["items"])
+        details["baseline_file"] = str(cfg.baseline)
+    data = {"tasks": {t: {k: tasks[t][k] for k in ("source", "n", "available", "data_fingerprint")} for t in tasks},
+            "subset": cfg.subset, "subset_seed": cfg.subset_seed}
+    record = ResultRecord("mc", default_name(cfg, model), metrics, headline, asdict(cfg), data=data,
+                          baseline=baseline, deltas=deltas, details=details)
     if cfg.out_dir is not None:
-        write_json(Path(cfg.out_dir) / "results.json", record)
+        write_results(Path(cfg.out_dir) / "results.json", [record])
     return record

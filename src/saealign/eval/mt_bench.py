@@ -28,11 +28,12 @@ from typing import Any, Literal, Sequence
 
 from tqdm.auto import tqdm
 
-from saealign.eval import (default_name, load_policy, metric, require_file, result_record, safe_name, select_subset,
-                           start_run)
+from saealign.eval import default_name, load_policy, require_file, safe_name, select_subset, start_run
 from saealign.eval.generation import Sampling, generate_chat
 from saealign.config import check_config
 from saealign.eval.judges import CHAT, CONTINUATIONS, Judge, check_judge_config
+from saealign.results import ResultRecord, write_results
+from saealign.stats import Estimate, mean_estimate
 from saealign.steering import method_kind
 
 log = logging.getLogger(__name__)
@@ -269,31 +270,17 @@ def _likelihood_judgments(tasks: list[dict[str, Any]], answers: dict[int, dict[s
     return records
 
 
-def _mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(var / len(values))
-
-
 def summarize(judgments: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Scores per turn, per category and overall (missing ratings dropped, as FastChat's `show_result`).
 
-    Means are over all valid judgments (FastChat's numbers); standard errors treat the question as the
-    unit: the spread of per-question means (over turns and seeds) across questions.
+    Means are over all valid judgments (FastChat's numbers); intervals and standard errors treat the
+    question as the unit (`stats.mean_estimate` with the question as the unit: its turns and seeds
+    are resampled together).
     """
     valid = [j for j in judgments if j["score"] != MISSING]
 
-    def stat(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
-        per_question: dict[int, list[float]] = defaultdict(list)
-        for r in rows:
-            per_question[r["question_id"]].append(r["score"])
-        mean = sum(r["score"] for r in rows) / len(rows) if rows else None
-        _, se = _mean_se([sum(v) / len(v) for v in per_question.values()])
-        return metric(mean, se)
+    def stat(rows: Sequence[dict[str, Any]]) -> Estimate:
+        return mean_estimate([r["score"] for r in rows], units=[r["question_id"] for r in rows])
 
     metrics = {"score": stat(valid), "turn1": stat([j for j in valid if j["turn"] == 1]),
                "turn2": stat([j for j in valid if j["turn"] == 2])}
@@ -375,11 +362,11 @@ class MTBenchConfig:
 
 
 def run_mt_bench(cfg: MTBenchConfig, model=None, tokenizer=None, intervention=None,
-                 judge: Judge | None = None) -> dict[str, Any]:
+                 judge: Judge | None = None) -> ResultRecord | dict[str, Any]:
     """Generate (resuming from an existing answer file), judge (resuming from the cache), summarise.
     Writes `config.json`, the FastChat files and `results.json` under `cfg.out_dir`; a rerun with other
-    generation settings in the same `out_dir` is refused (see `saealign.eval.start_run`)."""
-    from saealign._io import write_json
+    generation settings in the same `out_dir` is refused (see `saealign.eval.start_run`). With
+    `skip_judge`, returns only where the answers are."""
     from saealign.eval.judges import judge_of
 
     paths = cfg.paths()
@@ -424,8 +411,10 @@ def run_mt_bench(cfg: MTBenchConfig, model=None, tokenizer=None, intervention=No
     judgment_path = out / "model_judgment" / f"{safe_name(judge.name)}_single.jsonl"
     write_jsonl(judgment_path, judgments)
     summary = summarize(judgments)
-    result = result_record("mt-bench", name, summary.pop("metrics"), ["score", "turn1", "turn2"], asdict(cfg),
-                           judge=judge.name, n_questions=len(questions), answers=str(answer_path),
-                           judgments=str(judgment_path), timings=timings, **summary)
-    write_json(out / "results.json", result)
-    return result
+    data = {"questions": str(paths["questions"]), "n": len(questions), "categories": cfg.categories,
+            "limit": cfg.limit, "subset_seed": cfg.subset_seed, "seeds": cfg.seeds}
+    record = ResultRecord("mt-bench", name, summary.pop("metrics"), ["score", "turn1", "turn2"], asdict(cfg), data=data,
+                          details={"judge": judge.name, "answers": str(answer_path), "judgments": str(judgment_path),
+                                   "timings": timings, **summary})
+    write_results(out / "results.json", [record])
+    return record

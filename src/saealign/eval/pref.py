@@ -3,11 +3,13 @@
 For every method (the base model = no intervention, DSPA, baselines, trained models):
 - preference accuracy: `log pi(y+|x) > log pi(y-|x)`, summed and length-normalised;
 - reward accuracy against the base model: `r(x,y) = log pi_method(y|x) - log pi_base(y|x)` summed
-  over response tokens; the fraction with `r(x,y+) > r(x,y-)`. A pair whose rewards tie exactly
-  (e.g. a steering method that edited nothing on either response) counts one half; the tie rate
-  is reported beside it.
-Intervals are percentile bootstraps over triples. Base log-probs never change, so they are cached
-on disk keyed by model, data and rendering.
+  over response tokens; the fraction with `r(x,y+) > r(x,y-)`. A pair whose rewards tie (e.g. a
+  steering method that edited nothing on either response) counts one half, as every tie does
+  (`saealign.stats`); the tie rate is reported beside it.
+`fpo eval` reports the same metrics (`preference_metrics`) with its reference model as the base.
+Intervals are `saealign.stats` bootstraps over triples; a steered method also carries its paired
+difference to the base model on the preference accuracies. Base log-probs never change, so they are
+cached on disk keyed by model, data and rendering.
 
 Scoring is teacher-forced: the response tokens are the positions a steering method edits (as in
 generation, the first response token is predicted from the unedited last prompt position).
@@ -29,6 +31,8 @@ from tqdm.auto import tqdm
 from saealign._io import cache_dir, save_tensors
 from saealign.data import collate_pairs, render_triples, triples_fingerprint
 from saealign.models import model_id, takes_logit_mask
+from saealign.results import ResultRecord, format_estimate
+from saealign.stats import N_BOOT, Estimate, mean_estimate, paired_difference, wins
 from saealign.steering import Intervention, apply_intervention, system_prompt_of
 
 log = logging.getLogger(__name__)
@@ -137,46 +141,38 @@ def base_scores_cached(model, tokenizer, triples, max_length: int = 1024, progre
     return scores
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
-    means = values[idx].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
+TIE_ATOL = 1e-9  # summed log-probs that differ by less tie (the cached and the full pass round differently)
+PREF_HEADLINE = ("reward_acc", "pref_acc_sum", "pref_acc_norm")
 
 
-def _se(values: np.ndarray) -> float | None:
-    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+def preference_hits(scores: SequenceScores) -> dict[str, np.ndarray]:
+    """Per triple, whether the model prefers the chosen response (1, a tie 1/2, else 0), by summed and
+    by length-normalised log-probability."""
+    norm_c = scores.logp_chosen / np.maximum(scores.len_chosen, 1)
+    norm_r = scores.logp_rejected / np.maximum(scores.len_rejected, 1)
+    return {"pref_acc_sum": wins(scores.logp_chosen, scores.logp_rejected, TIE_ATOL),
+            "pref_acc_norm": wins(norm_c, norm_r, TIE_ATOL)}
 
 
-def preference_metrics(method: SequenceScores, base: SequenceScores | None, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Accuracy metrics with bootstrap intervals (values are fractions in [0, 1])."""
-    def summarise(hits: np.ndarray) -> dict:
-        lo, hi = bootstrap_ci(hits, n_boot, seed)
-        return {"value": float(hits.mean()), "ci95": [lo, hi], "se": _se(hits)}
-
-    out = {
-        "pref_acc_sum": summarise((method.logp_chosen > method.logp_rejected).astype(float)),
-        "pref_acc_norm": summarise((method.logp_chosen / np.maximum(method.len_chosen, 1)
-                                    > method.logp_rejected / np.maximum(method.len_rejected, 1)).astype(float)),
-    }
+def preference_metrics(method: SequenceScores, base: SequenceScores | None, n_boot: int = N_BOOT,
+                       seed: int = 0) -> dict[str, Estimate]:
+    """Preference accuracies and, against `base`, reward accuracy, tie rate and mean reward margin
+    (fractions in [0, 1] and nats), each with its bootstrap interval over triples."""
+    out = {name: mean_estimate(hits, n_boot, seed) for name, hits in preference_hits(method).items()}
     if base is not None:
         r_c = method.logp_chosen - base.logp_chosen
         r_r = method.logp_rejected - base.logp_rejected
-        tie = np.isclose(r_c, r_r, rtol=0, atol=1e-9)
-        hits = np.where(tie, 0.5, (r_c > r_r).astype(float))
-        out["reward_acc"] = summarise(hits)
-        out["reward_tie_rate"] = {"value": float(tie.mean()), "se": None}
-        margin = r_c - r_r
-        lo, hi = bootstrap_ci(margin, n_boot, seed)
-        out["reward_margin"] = {"value": float(margin.mean()), "ci95": [lo, hi], "se": _se(margin)}
+        hits = wins(r_c, r_r, TIE_ATOL)
+        out["reward_acc"] = mean_estimate(hits, n_boot, seed)
+        out["reward_tie_rate"] = mean_estimate((hits == 0.5).astype(float), n_boot, seed)
+        out["reward_margin"] = mean_estimate(r_c - r_r, n_boot, seed)
     return out
 
 
 def evaluate_preferences(model, tokenizer, triples, methods: dict[str, Intervention | None], max_length: int = 1024,
-                         n_boot: int = 2000, seed: int = 0, progress: bool = True, reuse_base_pass: bool = True,
-                         cache=None) -> dict:
-    """Metrics for every named method (None = base) on the same triples.
+                         n_boot: int = N_BOOT, seed: int = 0, progress: bool = True, reuse_base_pass: bool = True,
+                         cache=None) -> list[ResultRecord]:
+    """One result record per named method (None = base) on the same triples (benchmark `pref`).
 
     With `reuse_base_pass`, methods that edit only late layers are scored from one cached base pass
     (`eval.pref_cache.ScoringCache`, built here or passed in as `cache`); the others (a system
@@ -189,7 +185,10 @@ def evaluate_preferences(model, tokenizer, triples, methods: dict[str, Intervent
     if cache is not None and cache.triples_fingerprint != triples_fingerprint(triples):
         raise ValueError("the scoring cache was built for other triples")
     base = cache.base if cache is not None else base_scores_cached(model, tokenizer, triples, max_length, progress)
-    results = {}
+    base_name = next((name for name, m in methods.items() if m is None), None)
+    base_hits = preference_hits(base)
+    data = {"n": len(triples), "fingerprint": triples_fingerprint(triples)}
+    records = []
     for name, intervention in methods.items():
         if intervention is None:
             scores = base
@@ -198,10 +197,16 @@ def evaluate_preferences(model, tokenizer, triples, methods: dict[str, Intervent
         else:
             scores = score_triples(model, tokenizer, triples, intervention, max_length, progress=progress,
                                    desc=f"score {name}")
-        results[name] = preference_metrics(scores, None if intervention is None else base, n_boot, seed)
-        results[name]["mean_logp_chosen"] = float(scores.logp_chosen.mean())
-        results[name]["mean_logp_rejected"] = float(scores.logp_rejected.mean())
-    return {"triples": len(triples), "data_fingerprint": triples_fingerprint(triples), "methods": results}
+        metrics = preference_metrics(scores, None if intervention is None else base, n_boot, seed)
+        metrics["mean_logp_chosen"] = Estimate(float(scores.logp_chosen.mean()))
+        metrics["mean_logp_rejected"] = Estimate(float(scores.logp_rejected.mean()))
+        paired = base_name is not None and intervention is not None
+        deltas = ({k: paired_difference(v, base_hits[k], n_boot, seed) for k, v in preference_hits(scores).items()}
+                  if paired else {})
+        records.append(ResultRecord("pref", name, metrics, [h for h in PREF_HEADLINE if h in metrics],
+                                    {"max_length": max_length, "n_boot": n_boot, "seed": seed}, data=dict(data),
+                                    baseline=base_name if paired else None, deltas=deltas))
+    return records
 
 
 PREF_LEGEND = """\
@@ -214,18 +219,18 @@ PREF_LEGEND = """\
 """
 
 
-def markdown_table(result: dict, title: str = "", legend: bool = False) -> str:
+def markdown_table(records: list[ResultRecord], title: str = "", legend: bool = False) -> str:
     """Methods x metrics, percentages with 95 % intervals; `legend` adds what each column means."""
-    from saealign.eval import percent_cell
+    def cell(m: Estimate | None) -> str:
+        return format_estimate(m, digits=1, scale=100, missing="—")
 
-    def cell(m: dict | None) -> str:
-        return percent_cell(m, missing="—")
-
-    lines = [f"**{title}** (n = {result['triples']})" if title else f"n = {result['triples']}", "",
+    n = records[0].data["n"]
+    lines = [f"**{title}** (n = {n})" if title else f"n = {n}", "",
              "| method | reward acc. vs base % [95% CI] | ties % | pref. acc. (sum) % | pref. acc. (length-norm.) % |",
              "|---|---|---|---|---|"]
-    for name, m in result["methods"].items():
-        lines.append(f"| {name} | {cell(m.get('reward_acc'))} | {cell(m.get('reward_tie_rate'))} | "
+    for r in records:
+        m = r.metrics
+        lines.append(f"| {r.method} | {cell(m.get('reward_acc'))} | {cell(m.get('reward_tie_rate'))} | "
                      f"{cell(m['pref_acc_sum'])} | {cell(m['pref_acc_norm'])} |")
     return "\n".join(lines) + "\n" + ("\n" + PREF_LEGEND if legend else "")
 

@@ -1,78 +1,47 @@
 """Held-out comparison of a trained policy with its reference: the FPO paper's metrics and ours.
 
 Per pair (teacher-forced, no gradients, both models on the same batch):
-- preference accuracy: `lp(y+) > lp(y-)` with length-normalised log-probs (`preference_accuracy`)
-  and summed ones (`preference_accuracy_sum`); reward accuracy: `r(y+) > r(y-)` with
-  `r = log pi(y|x) - log pi_ref(y|x)` summed over response tokens (METHOD.md "Evaluation protocol");
-  each with a 95% Wilson interval; ties count as wrong (so the reference itself scores 0 reward accuracy);
+- the preference metrics of `saealign eval pref` (`eval.pref.preference_metrics`, same keys, tie rule
+  and intervals) with the reference as the base: `pref_acc_norm` (the FPO paper's preference
+  accuracy, length-normalised log-probs), `pref_acc_sum`, `reward_acc` (`r(y+) > r(y-)` with
+  `r = log pi(y|x) - log pi_ref(y|x)` summed over response tokens; a tie counts one half, so the
+  reference itself scores 50 %), `reward_tie_rate` and `reward_margin`;
 - predictive entropy: mean next-token entropy over response tokens (per response, then averaged);
 - feature MSE to the reference: mean over all SAE latents of `(cbar_theta - cbar_ref)^2` per response
   (`feature_mse`), and FPO's top-k `D(y)` (`feature_mse_topk`);
 - KL to the reference: mean per-token `KL(pi_ref || pi_theta)` over response tokens (`kl_to_reference`)
   and its sum per response (`seq_kl_to_reference`, TDPO's SeqKL).
-Means carry their standard error over responses (or pairs).
+Every metric is a `saealign.stats` estimate: the mean with its bootstrap interval over pairs (the
+per-response metrics are averaged over each pair's two responses first, so the pair stays the unit).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from saealign._io import write_json
 from saealign.config import check_config
 from saealign.data import RenderedTriple
-from saealign.eval import metric
 from saealign.fpo import losses as L
 from saealign.fpo.batching import collate, pairs_fingerprint
 from saealign.fpo.objective import run_model
 from saealign.models import DEFAULT_MODEL
-
-Z95 = 1.959963984540054
-
-
-def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (well behaved near 0 and 1, unlike the normal one)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (centre - half, centre + half)
-
-
-def _proportion(flags: torch.Tensor) -> dict[str, Any]:
-    n, k = flags.numel(), int(flags.sum())
-    p = k / n if n else float("nan")
-    out = metric(p, math.sqrt(p * (1 - p) / n) if n else None)
-    out["ci95"] = list(wilson_interval(k, n))
-    out["n"] = n
-    return out
-
-
-def _mean(values: torch.Tensor) -> dict[str, Any]:
-    values = values.double()
-    n = values.numel()
-    se = float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else None
-    out = metric(float(values.mean()), se)
-    if se is not None:
-        out["ci95"] = [out["value"] - Z95 * se, out["value"] + Z95 * se]
-    out["n"] = n
-    return out
-
+from saealign.results import ResultRecord
+from saealign.stats import N_BOOT, Estimate, mean_estimate
 
 @torch.no_grad()
 def compare_to_reference(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any,
                          pairs: Sequence[RenderedTriple], sae: Any = None, topk: int = 50, batch_size: int = 2,
-                         show_progress: bool = True) -> dict[str, dict[str, Any]]:
+                         show_progress: bool = True, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Estimate]:
     """Metrics of `policy` against `reference` on `pairs` (see module docstring)."""
+    from saealign.eval.pref import SequenceScores, preference_metrics
+
     device = next(policy.parameters()).device
     cols: dict[str, list[torch.Tensor]] = {name: [] for name in (
-        "lp_sum", "lp_norm", "ref_sum", "entropy", "kl_mean", "kl_sum", "mse", "mse_topk")}
+        "lp_sum", "length", "ref_sum", "entropy", "kl_mean", "kl_sum", "mse", "mse_topk")}
     was = policy.training, reference.training
     policy.eval()
     reference.eval()
@@ -84,7 +53,7 @@ def compare_to_reference(policy: torch.nn.Module, reference: torch.nn.Module, to
         mask = pol.mask
         lens = mask.sum(-1).clamp(min=1)
         cols["lp_sum"].append(L.sequence_logps(pol.token_logps, mask))
-        cols["lp_norm"].append(L.sequence_logps(pol.token_logps, mask, normalise=True))
+        cols["length"].append(mask.sum(-1))
         cols["ref_sum"].append(L.sequence_logps(ref.token_logps, mask))
         cols["entropy"].append(L.token_entropy(pol.logits, mask).sum(-1) / lens)
         kl = L.token_kl(ref.logits, pol.logits, mask)
@@ -98,20 +67,17 @@ def compare_to_reference(policy: torch.nn.Module, reference: torch.nn.Module, to
     # each batch is [chosen..., rejected...]: split per batch before concatenating
     chosen = {name: torch.cat([v.chunk(2)[0] for v in vals]).cpu() for name, vals in cols.items() if vals}
     rejected = {name: torch.cat([v.chunk(2)[1] for v in vals]).cpu() for name, vals in cols.items() if vals}
-    both = {name: torch.cat([chosen[name], rejected[name]]) for name in chosen}
-    reward_w, reward_l = chosen["lp_sum"] - chosen["ref_sum"], rejected["lp_sum"] - rejected["ref_sum"]
-    out = {
-        "preference_accuracy": _proportion(chosen["lp_norm"] > rejected["lp_norm"]),
-        "preference_accuracy_sum": _proportion(chosen["lp_sum"] > rejected["lp_sum"]),
-        "reward_accuracy": _proportion(reward_w > reward_l),
-        "reward_margin": _mean(reward_w - reward_l),
-        "entropy": _mean(both["entropy"]),
-        "kl_to_reference": _mean(both["kl_mean"]),
-        "seq_kl_to_reference": _mean(both["kl_sum"]),
-    }
+    per_pair = {name: ((chosen[name] + rejected[name]) / 2).double().numpy() for name in chosen}
+
+    def scores(lp: str) -> SequenceScores:
+        return SequenceScores(chosen[lp].double().numpy(), rejected[lp].double().numpy(),
+                              chosen["length"].numpy(), rejected["length"].numpy())
+
+    out = preference_metrics(scores("lp_sum"), scores("ref_sum"), n_boot, seed)
+    names = {"entropy": "entropy", "kl_to_reference": "kl_mean", "seq_kl_to_reference": "kl_sum"}
     if sae is not None:
-        out["feature_mse"] = _mean(both["mse"])
-        out["feature_mse_topk"] = _mean(both["mse_topk"])
+        names.update(feature_mse="mse", feature_mse_topk="mse_topk")
+    out.update({metric: mean_estimate(per_pair[column], n_boot, seed) for metric, column in names.items()})
     return out
 
 
@@ -133,21 +99,21 @@ class CompareConfig:
     max_prompt_length: int = field(default=256, metadata={"help": "tokens kept of the prompt", "ge": 1})
     system_prompt: str | None = None
     batch_size: int = field(default=2, metadata={"help": "pairs per forward pass", "ge": 1})
+    n_boot: int = field(default=N_BOOT, metadata={"help": "bootstrap resamples of each interval", "ge": 1})
     device: str | None = None
-    output: str | None = field(default=None, metadata={"help": "write the result JSON here"})
+    output: str | None = field(default=None, metadata={"help": "write the result file here"})
     show_progress: bool = True
 
     def __post_init__(self) -> None:
         check_config(self)
 
 
-def run_comparison(cfg: CompareConfig) -> dict[str, Any]:
-    """Load both models, the pairs and the SAE per `cfg`; return (and optionally write) a result record."""
-    from saealign.data import render_triples
-    from saealign.eval import result_record
-    from saealign.data import select_triples
-    from saealign.eval.pref import sample_pairs
+def run_comparison(cfg: CompareConfig) -> ResultRecord:
+    """Load both models, the pairs and the SAE per `cfg`; return (and optionally write) the result record."""
+    from saealign.data import render_triples, select_triples
+    from saealign.eval.pref import PREF_HEADLINE, sample_pairs
     from saealign.models import load_model, model_id
+    from saealign.results import write_results
 
     if cfg.model is None:
         raise ValueError("pass --model (the trained model)")
@@ -162,13 +128,12 @@ def run_comparison(cfg: CompareConfig) -> dict[str, Any]:
 
         sae = load_sae(cfg.sae, device=next(policy.parameters()).device)
     metrics = compare_to_reference(policy, reference, tokenizer, pairs, sae, cfg.fpo_topk, cfg.batch_size,
-                                   cfg.show_progress)
-    headline = ["preference_accuracy", "reward_accuracy", "entropy", "kl_to_reference"]
-    if sae is not None:
-        headline.append("feature_mse")
-    record = result_record("fpo-reference-comparison", model_id(policy), metrics, headline, asdict(cfg),
-                           reference=cfg.reference, sae=sae.describe() if sae is not None else None,
-                           n_pairs=len(pairs), data_fingerprint=pairs_fingerprint(pairs))
+                                   cfg.show_progress, cfg.n_boot, cfg.seed)
+    headline = [*PREF_HEADLINE, "entropy", "kl_to_reference"] + (["feature_mse"] if sae is not None else [])
+    record = ResultRecord("fpo-reference-comparison", model_id(policy), metrics, headline, asdict(cfg),
+                          data={"source": cfg.data, "role": cfg.data_role, "split_seed": cfg.data_split_seed,
+                                "sample_seed": cfg.seed, "n": len(pairs), "fingerprint": pairs_fingerprint(pairs)},
+                          details={"reference": cfg.reference, "sae": sae.describe() if sae is not None else None})
     if cfg.output:
-        write_json(cfg.output, record)
+        write_results(cfg.output, [record])
     return record

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from saealign.activations import DEFAULT_SINK_FACTOR, keep_mask, length_batches, tokenize_texts
 from saealign.hooks import CallContext, attach
 from saealign.sae.core import SAE
+from saealign.stats import Estimate
 
 
 @torch.no_grad()
@@ -56,8 +57,13 @@ class SAEEvalResult:
     def loss_increase(self) -> float:
         return self.loss_spliced - self.loss_clean
 
-    def as_dict(self) -> dict:
-        return {**self.__dict__, "loss_increase": self.loss_increase}
+    def estimates(self) -> dict[str, Estimate]:
+        """The metrics of `sae eval`'s result record: pooled over all kept tokens, so descriptive figures
+        without an interval (`saealign.stats`)."""
+        names = ["fvu", "l0", "dead_fraction", "loss_clean", "loss_spliced", "loss_increase"]
+        if self.loss_zero_ablated is not None:
+            names.append("loss_zero_ablated")
+        return {name: Estimate(float(getattr(self, name)), n=self.tokens) for name in names}
 
 
 @torch.no_grad()

@@ -46,10 +46,16 @@ PPL_GUARD, DISTINCT_GUARD = 1.25, 0.8
 ATTRIBUTES = {
     "repetition": ("repetition", ["fit"], ["validation"], ["test_helpful"], "repetition", -1, 0.6),
     "refusal": ("refusal", ["benign=fit"], ["benign=validation"], ["benign=test_helpful"], "refusal", -1, 0.9),
-    "conditional": ("refuse_iff_harmful", ["harmful=harmless_fit", "benign=fit"],
+    "conditional": ("refuse_iff_harmful", ["harmful=harmless_fit"],
                     ["harmful=harmless_validation", "benign=validation"], ["harmful=test_harmless", "benign=test_helpful"],
                     "balanced_accuracy", +1, 0.9),
 }
+# The conditional map is fitted on harmful-prompt triples only (chosen: a refusal), for compute: benign-prompt
+# triples (chosen: an answer over a refusal) need a sampled refusal on a benign prompt, 4 % of samples at 0.9
+# (14 of 360 on validation prompts; 11 of 90 prompts gave a triple at K=4), so 1,000 benign prompts would cost
+# 40 % more sampling for about 120 triples. The benign half of the score is left to the map's prompt
+# conditioning, which is what the attribute tests. Held-out prompts still exclude the benign fit pool.
+HELD_OUT_EXCLUDES = {"conditional": ["harmful=harmless_fit", "benign=fit"]}
 FULL = {"fit_prompts": 1000, "k": 4, "k_harmful": 10, "tokens": 48, "val_triple_prompts": 150, "val_prompts": 100,
         "test_prompts": 300, "snapshots": [100, 200, 400], "alphas": [0.2, 0.5, 1.0], "modes": ["ablate", "both"],
         "coefs": [1.0, 4.0, 16.0], "max_length": 256, "batch": 48}
@@ -110,6 +116,7 @@ def choose(work: Path, attribute: str, map_dir: Path, s: dict, data: str) -> dic
     """Validation grid for dspa/static-sae (alpha x mode) and repe (coef); base answers are generated once
     and shared (they take no steering option)."""
     scorer, fit_sources, val_sources, _, headline, direction, _ = ATTRIBUTES[attribute]
+    excluded = HELD_OUT_EXCLUDES.get(attribute, fit_sources)
     latent_methods = [f"dspa=dspa:{map_dir}", f"static=static-sae:{map_dir}"]
     grid = [(["--alpha", a, "--mode", m], {"alpha": a, "mode": m}, latent_methods) for a in s["alphas"] for m in s["modes"]]
     grid += [(["--coef", c], {"coef": c}, ["repe=repe:" + str(map_dir)]) for c in s["coefs"]]
@@ -120,7 +127,7 @@ def choose(work: Path, attribute: str, map_dir: Path, s: dict, data: str) -> dic
         if shared_base.exists() and not (out / "answers" / "base.jsonl").exists():
             (out / "answers").mkdir(parents=True, exist_ok=True)
             shutil.copy(shared_base, out / "answers" / "base.jsonl")
-        records = evaluate(out, scorer, val_sources, fit_sources, s["val_prompts"], ["base", *methods], s, data, options)
+        records = evaluate(out, scorer, val_sources, excluded, s["val_prompts"], ["base", *methods], s, data, options)
         shared_base.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(out / "answers" / "base.jsonl", shared_base)
         base = next(r for r in records if r["method"] == "base")
@@ -149,6 +156,7 @@ def protocol(attribute: str, s: dict, work: Path, results: Path, data: str) -> N
     from saealign.best_of_k import write_shuffled_labels
 
     scorer, fit_sources, val_sources, test_sources, _, _, temperature = ATTRIBUTES[attribute]
+    excluded = HELD_OUT_EXCLUDES.get(attribute, fit_sources)
     work = work / attribute
     triples = best_of_k(work / "triples_fit", scorer, fit_sources, s["fit_prompts"], s, data, temperature)
     if not enough_triples(triples, f"{attribute}: fitting"):
@@ -161,7 +169,7 @@ def protocol(attribute: str, s: dict, work: Path, results: Path, data: str) -> N
         run("dspa", "fit", "--data", file, "--max-length", s["max_length"], *sources("--snapshots", s["snapshots"]),
             "--output", work / name)
     held_out = best_of_k(work / "triples_validation", scorer, val_sources, s["val_triple_prompts"], s, data, temperature,
-                         exclude=fit_sources)
+                         exclude=excluded)
     if enough_triples(held_out, f"{attribute}: map signal"):
         run("eval", "map-signal", "--maps", work / "map", "--maps", work / "map_shuffled", "--data", held_out,
             "--output", results / f"attributes_{attribute}_map_signal.json")
@@ -176,7 +184,7 @@ def protocol(attribute: str, s: dict, work: Path, results: Path, data: str) -> N
           + (f"; no setting of {kept} passed the fluency guard, their defaults are kept" if kept else ""), flush=True)
     methods = ["base", f"dspa=dspa:{work / 'map'}", f"static-sae=static-sae:{work / 'map'}", f"repe=repe:{work / 'map'}",
                "prompt-prefix", f"dspa-shuffled-labels=dspa:{work / 'map_shuffled'}"]
-    evaluate(work / "test", scorer, test_sources, fit_sources, s["test_prompts"], methods, s, data)
+    evaluate(work / "test", scorer, test_sources, excluded, s["test_prompts"], methods, s, data)
     for target, name in (("_results.json", "results.json"), (".md", "results.md"), (".png", "deltas.png")):
         shutil.copy(work / "test" / name, results / f"attributes_{attribute}{target}")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from saealign.activations import iter_activations, keep_mask, length_batches, tokenize_texts
+from saealign.activations import iter_activations, keep_mask, padded_batches, tokenize_texts
 from saealign.hooks import decoder_layers, read_residuals
 from saealign.models import load_model
 
@@ -79,7 +79,7 @@ def main() -> None:
     seqs = tokenize_texts(tok, texts(args.texts), args.max_length)
     n_tokens = sum(map(len, seqs))
     results["tokens"] = n_tokens
-    batches = list(length_batches(seqs, 8192, 0))
+    batches = list(padded_batches(seqs, 8192, 0))
     results["padding_fraction_bucketed"] = 1 - n_tokens / sum(ids.numel() for _, ids, _ in batches)
     list(iter_activations(model16, seqs[:20], [args.layer], progress=False))  # warm-up
     for name, fn in [

@@ -45,11 +45,11 @@ def train_config(args: argparse.Namespace, variant: str, lr: float):
 
     loss, reference = VARIANTS[variant]
     return TrainConfig(loss=loss, reference=reference, model=args.model, data=str(args.data), data_role="fit",
-                       max_pairs=args.pairs, sae=args.sae, output_dir=str(args.workdir / run_name(variant, lr)),
+                       n=args.pairs, sae=args.sae, output=str(args.workdir / run_name(variant, lr)),
                        seed=args.seed, learning_rate=lr, per_device_train_batch_size=args.batch,
                        gradient_accumulation_steps=args.accumulation, num_train_epochs=1, max_length=args.max_length,
                        max_prompt_length=args.max_length // 2, ref_cache=str(args.workdir / "reference-cache"),
-                       device=args.device, warmup_ratio=0.1, logging_steps=1, show_progress=False)
+                       device=args.device, warmup_ratio=0.1, logging_steps=1, progress=False)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -78,9 +78,9 @@ def worker(args: argparse.Namespace) -> None:
         model = args.model if args.job == "reference" else str(args.workdir / run_name(args.variant, args.lr))
         record = run_comparison(CompareConfig(model=model,
                                               reference=args.model, data=str(args.data), data_role=role,
-                                              max_pairs=n, seed=0, sae=args.sae, max_length=args.max_length,
+                                              n=n, seed=0, sae=args.sae, max_length=args.max_length,
                                               max_prompt_length=args.max_length // 2, batch_size=args.batch,
-                                              device=args.device, show_progress=False))
+                                              device=args.device, progress=False))
         result = {"job": args.job, "role": role, "variant": args.variant, "lr": args.lr,
                   "seconds": time.perf_counter() - t0, "metrics": record.to_json()["metrics"],
                   "n_pairs": record.data["n"], "data_fingerprint": record.data["fingerprint"]}
@@ -173,10 +173,12 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main() -> None:
+    from saealign.models import DEFAULT_MODEL
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["fpo", "dpo", "dpo-cache", "simpo", "tdpo1", "tdpo2"],
                         choices=sorted(VARIANTS))
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--sae", default="default:out")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--pairs", type=int, default=16)
@@ -216,7 +218,7 @@ def main() -> None:
 
     import torch
 
-    from saealign.eval import versions
+    from saealign._io import versions
 
     report = {"benchmark": "fpo-vs-baselines", "versions": versions(), "device": torch.cuda.get_device_name() if torch.cuda.is_available()
               and args.device != "cpu" else f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})",

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from saealign._io import write_json
-from saealign.eval import versions
+from saealign._io import versions
 from saealign.eval.mc import build_items, evaluate_task, get_task, item_metrics, load_docs, select_items
 from saealign.eval.mc_tasks.lm_eval_peer import lm_eval_aggregate, lm_eval_scores
-from saealign.models import load_model
+from saealign.models import DEFAULT_MODEL, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=TASKS)
     parser.add_argument("--limit", type=int, default=None, help="stratified items per task (default: all)")
     parser.add_argument("--data-dir", type=Path, default=DATA)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mc_peer.json")

@@ -5,7 +5,7 @@ base, DSPA (two settings), static-sae, RepE and prompt-prefix registered; for ea
 (8/32/64), that many clients each send one greedy chat request at once, methods mixed round-robin.
 Recorded: errors, p50/p95 latency, completion tokens/s, and whether every answer equals the same request
 run by itself. Side by side in the same run: the old server's way of serving, i.e. the same requests
-one at a time through `saealign.eval.generation.generate` (the function the old server called under its
+one at a time through `saealign.runtime.generation.generate` (the function the old server called under its
 lock, batch 1, the request's intervention applied), in process, so without HTTP costs: if anything it
 flatters the old server. Those sequential answers are also the reference for "equal to sequential".
 
@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from saealign.eval.generation import BatchEngine, DecodeRow, Sampling, generate, render_chat
+from saealign.runtime.generation import BatchEngine, DecodeRow, Sampling, generate, render_chat
 from saealign.models import load_model
 from saealign.serve import OpenAIServer
 from saealign.steering import load_method, row_steering, system_prompt_of

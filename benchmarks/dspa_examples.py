@@ -16,8 +16,8 @@ import torch
 from saealign._io import write_json
 from saealign.data import select_triples
 from saealign.dspa import DSPA
-from saealign.eval.generation import Sampling, generate_chat
-from saealign.models import load_model
+from saealign.runtime.generation import Sampling, generate_chat
+from saealign.models import DEFAULT_MODEL, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dspa_examples.json"))
     args = ap.parse_args()
 
-    model, tok = load_model("smollm2-135m-instruct")
+    model, tok = load_model(DEFAULT_MODEL)
     rng = random.Random(args.seed)
     prompts = []
     for role, count in (("test_helpful", args.n - args.n // 2), ("test_harmless", args.n // 2)):

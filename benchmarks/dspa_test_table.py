@@ -20,10 +20,10 @@ from saealign._io import read_json, write_json
 from saealign.data import sample, select_triples
 from saealign.dspa import DSPA, TuneConfig, read_metadata, run_tune
 from saealign.dspa.map import record_recommended
-from saealign.eval import versions
+from saealign._io import versions
 from saealign.eval.pref import evaluate_preferences, markdown_table
 from saealign.eval.pref_cache import ScoringCache
-from saealign.models import load_model
+from saealign.models import DEFAULT_MODEL, load_model
 from saealign.results import ResultRecord
 from saealign.steering import load_method
 
@@ -49,7 +49,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, tok = load_model("smollm2-135m-instruct")
+    model, tok = load_model(DEFAULT_MODEL)
     if read_metadata(args.map).recommended.sweep is None:
         chosen = run_tune(TuneConfig(map=args.map, data=args.data, data_role="validation", n=args.val_n, seed=args.seed,
                                      max_length=args.max_length), model, tok)

@@ -20,34 +20,34 @@ BATCH=${BATCH:-32}
 SEEDS=${SEEDS:-0}
 JUDGE_MODE=${JUDGE_MODE:-likelihood}
 common=(${DEVICE:+--device "$DEVICE"})
-mt_limit=(${MT_LIMIT:+--limit "$MT_LIMIT"})
-all_limit=(${MC_ALL_LIMIT:+--limit "$MC_ALL_LIMIT"})
+mt_limit=(${MT_LIMIT:+--n "$MT_LIMIT"})
+all_limit=(${MC_ALL_LIMIT:+--n "$MC_ALL_LIMIT"})
 seeds=(); for s in $SEEDS; do seeds+=(--seeds "$s"); done
 mkdir -p "$OUT"
 
 mc() {  # mc NAME TASKS... ; runs base, then DSPA paired against it
   local name=$1; shift
   local tasks=(); for t in "$@"; do tasks+=(--tasks "$t"); done
-  saealign eval mc "${tasks[@]}" --data-dir "$DATA" --out-dir "$OUT/mc-$name-base" --name base \
+  saealign eval mc "${tasks[@]}" --data "$DATA" --output "$OUT/mc-$name-base" --name base \
     --batch-size "$BATCH" "${limit[@]}" "${common[@]}"
-  saealign eval mc "${tasks[@]}" --data-dir "$DATA" --out-dir "$OUT/mc-$name-dspa" --name dspa \
+  saealign eval mc "${tasks[@]}" --data "$DATA" --output "$OUT/mc-$name-dspa" --name dspa \
     --intervention "dspa:$MAP" --baseline "$OUT/mc-$name-base/results.json" \
     --batch-size "$BATCH" "${limit[@]}" "${common[@]}"
 }
 limit=("${all_limit[@]}"); mc full arc_easy truthfulqa_mc2 winogrande
-limit=(--limit "${MC_ALL_LIMIT:-$MC_LIMIT}"); mc subset hellaswag mmlu
+limit=(--n "${MC_ALL_LIMIT:-$MC_LIMIT}"); mc subset hellaswag mmlu
 
 for method in base dspa; do
   steer=(); [ "$method" = dspa ] && steer=(--intervention "dspa:$MAP")
-  saealign eval mt-bench --data-dir "$DATA/mt-bench" --out-dir "$OUT/mt-bench-$method" --name "$method" \
+  saealign eval mt-bench --data "$DATA/mt-bench" --output "$OUT/mt-bench-$method" --name "$method" \
     "${steer[@]}" "${seeds[@]}" "${mt_limit[@]}" --max-new-tokens "$MAX_NEW" --batch-size "$BATCH" \
     --judge self --judge-mode "$JUDGE_MODE" --judge-max-tokens 256 --judge-batch-size "$BATCH" "${common[@]}"
   saealign eval alpaca-eval --reference-outputs "$DATA/alpaca-eval/results/gpt4_1106_preview/model_outputs.json" \
     --judge-template "$DATA/alpaca-eval/evaluator_prompts/alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt" \
-    --out-dir "$OUT/alpaca-eval-$method" --name "$method" "${steer[@]}" "${seeds[@]}" --limit "$AE_LIMIT" \
+    --output "$OUT/alpaca-eval-$method" --name "$method" "${steer[@]}" "${seeds[@]}" --n "$AE_LIMIT" \
     --max-new-tokens "$MAX_NEW" --batch-size "$BATCH" --judge self --judge-batch-size "$BATCH" "${common[@]}"
 done
 
 saealign report "$OUT"/mc-full-base "$OUT"/mc-full-dspa "$OUT"/mc-subset-base "$OUT"/mc-subset-dspa \
   "$OUT"/mt-bench-base "$OUT"/mt-bench-dspa "$OUT"/alpaca-eval-base "$OUT"/alpaca-eval-dspa \
-  --out "$OUT/report" --baseline base
+  --output "$OUT/report" --baseline base

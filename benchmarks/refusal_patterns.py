@@ -39,7 +39,7 @@ def fit_prompts(data: str, n_harmful: int, n_benign: int) -> list[tuple[str, str
 def answers(path: Path, prompts: list[tuple[str, str]]) -> list[dict]:
     if path.exists():
         return [json.loads(line) for line in path.read_text().splitlines()]
-    from saealign.eval.generation import Sampling, generate_chat
+    from saealign.runtime.generation import Sampling, generate_chat
     from saealign.models import load_model
 
     model, tok = load_model()

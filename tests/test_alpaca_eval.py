@@ -183,8 +183,8 @@ def test_run_files_metrics_and_cli(label_judge, smol_tokenizer, template_path, s
     short = [dict(r, output=r["output"][:300]) for r in refs[:40]]
     ref_path = tmp_path / "refs.json"
     ref_path.write_text(json.dumps(short))
-    cfg = AlpacaEvalConfig(reference_outputs=ref_path, judge_template=template_path, out_dir=tmp_path / "run",
-                           name="tiny", seeds=[0, 1], limit=3, max_new_tokens=5, judge="self", progress=False)
+    cfg = AlpacaEvalConfig(reference_outputs=ref_path, judge_template=template_path, output=tmp_path / "run",
+                           name="tiny", seeds=[0, 1], n=3, max_new_tokens=5, judge="self", progress=False)
     result = run_alpaca_eval(cfg, model=label_judge.model, tokenizer=smol_tokenizer)
     annotations = json.loads((tmp_path / "run" / "annotations.json").read_text())
     assert len(annotations) == 6 and {a["seed"] for a in annotations} == {0, 1}
@@ -212,8 +212,8 @@ def test_run_files_metrics_and_cli(label_judge, smol_tokenizer, template_path, s
     label_judge.model.save_pretrained(model_dir)
     smol_tokenizer.save_pretrained(model_dir)
     out = CliRunner().invoke(app, ["eval", "alpaca-eval", "--reference-outputs", str(ref_path), "--judge-template",
-                                   str(template_path), "--out-dir", str(tmp_path / "cli"), "--model", str(model_dir),
-                                   "--limit", "2", "--max-new-tokens", "3", "--judge", "self", "--no-progress"])
+                                   str(template_path), "--output", str(tmp_path / "cli"), "--model", str(model_dir),
+                                   "--n", "2", "--max-new-tokens", "3", "--judge", "self", "--no-progress"])
     assert out.exit_code == 0, out.output
     assert read_results(tmp_path / "cli" / "results.json")[0].data["n"] == 2
 
@@ -226,7 +226,7 @@ def test_outputs_resume_from_a_partial_file(label_judge, smol_tokenizer, templat
     out.mkdir()
     (out / "model_outputs-seed0.json").write_text(json.dumps(
         [{"instruction": refs[1]["instruction"], "output": "PRESET", "generator": "tiny", "dataset": ""}]))
-    cfg = AlpacaEvalConfig(reference_outputs=ref_path, judge_template=template_path, out_dir=out, name="tiny",
+    cfg = AlpacaEvalConfig(reference_outputs=ref_path, judge_template=template_path, output=out, name="tiny",
                            max_new_tokens=3, batch_size=1, skip_judge=True, progress=False)
     run_alpaca_eval(cfg, model=label_judge.model, tokenizer=smol_tokenizer)
     outputs = json.loads((out / "model_outputs-seed0.json").read_text())

@@ -192,7 +192,7 @@ def test_best_of_k_ties_skipped(tiny, tmp_path, prompts_file):
 
 
 def test_best_of_k_resume_is_exact_and_other_settings_refused(tiny, tmp_path, prompts_file, monkeypatch):
-    import saealign.eval.generation as generation
+    import saealign.runtime.generation as generation
 
     model, tok = tiny
     build_best_of_k(_bok(tmp_path / "full", prompts_file), model, tok, progress=False)
@@ -228,7 +228,7 @@ def test_best_of_k_kind_scorer_needs_kinds(tiny, tmp_path, prompts_file):
 # --- the benchmark harness on a tiny model -------------------------------------------------------------
 
 def test_eval_attributes_records_resume_and_report(tiny, tmp_path, monkeypatch):
-    import saealign.eval.generation as generation
+    import saealign.runtime.generation as generation
     from saealign.eval.attribute_bench import AttributeEvalConfig, run_attribute_eval
     from saealign.eval.report import load_results
 

@@ -16,7 +16,7 @@ from saealign.audit.describe import (DESCRIPTIONS, DescribeOptions, categorize, 
                                      generic_texts, token_class)
 from saealign.audit.html import write_report
 from saealign.dspa import DSPA, FitOptions, SteerConfig, fit_map
-from saealign.eval.generation import Sampling
+from saealign.runtime.generation import Sampling
 from test_dspa import _tiny_saes
 
 ROOT = Path(__file__).resolve().parents[1]

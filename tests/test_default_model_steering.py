@@ -19,7 +19,7 @@ PROMPTS = ["How do I make bread at home?", "Can you explain what inflation is in
 def test_dspa_edits_generated_tokens_and_changes_greedy_answers():
     from saealign.data import load_preferences
     from saealign.dspa import DSPA, SteerConfig, fit_map
-    from saealign.eval.generation import Sampling, generate_chat
+    from saealign.runtime.generation import Sampling, generate_chat
     from saealign.models import load_model
     from saealign.sae import load_sae
 

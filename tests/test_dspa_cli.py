@@ -67,7 +67,7 @@ def test_fit_info_merge_generate_eval(tiny_setup, tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "eval" / "results.md").read_text().count("|") > 10
     # `saealign report` reads what `eval pref` wrote: one row per method, the reward-accuracy column filled
-    res = runner.invoke(app, ["report", str(tmp_path / "eval"), "--out", str(tmp_path / "report")])
+    res = runner.invoke(app, ["report", str(tmp_path / "eval"), "--output", str(tmp_path / "report")])
     assert res.exit_code == 0, res.output
     table = (tmp_path / "report" / "report.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}

@@ -10,7 +10,9 @@ import pytest
 import torch
 from conftest import build_tiny, tiny_config
 
+from saealign.data import stratified_subset
 from saealign.eval import mc
+from saealign.runtime import scoring
 from saealign.eval.mc_tasks.lm_eval_peer import lm_eval_aggregate
 from saealign.hooks import edit_residual
 from saealign.results import read_results
@@ -96,29 +98,29 @@ def test_engine_matches_one_forward_per_request(arch):
     expected = [naive_ll(model, tok, c, k) for c, k in REQUESTS]
     for batch_size in (3, 64):
         for positions in ("generated", "scored"):
-            got = mc.score_requests(model, tok, REQUESTS, batch_size=batch_size, steer_positions=positions)
+            got = scoring.score_requests(model, tok, REQUESTS, batch_size=batch_size, steer_positions=positions)
             assert got == pytest.approx(expected, abs=1e-4), (batch_size, positions)
 
 
 def test_engine_truncates_long_contexts_from_the_left():
     model, tok = build_tiny("llama"), CharTokenizer()
     context, continuation = "x" * 40 + "tail of the context", " end"
-    got = mc.score_requests(model, tok, [(context, continuation)], max_length=30)
+    got = scoring.score_requests(model, tok, [(context, continuation)], max_length=30)
     keep = 30 + 1 - len(continuation)
     assert got[0] == pytest.approx(naive_ll(model, tok, context[-keep:], continuation), abs=1e-4)
     with pytest.raises(ValueError, match="exceeds the model's context length"):
-        mc.score_requests(model, tok, [("ctx", " " + "y" * 40)], max_length=30)
+        scoring.score_requests(model, tok, [("ctx", " " + "y" * 40)], max_length=30)
 
 
 @pytest.mark.parametrize("positions", ["generated", "scored"])
 def test_steering_edits_continuation_positions_like_generation(positions):
     model, tok = build_tiny("llama"), CharTokenizer()
     steer = AddVector(model)
-    got = mc.score_requests(model, tok, REQUESTS, batch_size=4, intervention=steer, steer_positions=positions)
+    got = scoring.score_requests(model, tok, REQUESTS, batch_size=4, intervention=steer, steer_positions=positions)
     expected = [naive_ll(model, tok, c, k, steer=(1, steer.fn), from_last_context=positions == "scored")
                 for c, k in REQUESTS]
     assert got == pytest.approx(expected, abs=1e-4)
-    base = mc.score_requests(model, tok, REQUESTS, batch_size=4)
+    base = scoring.score_requests(model, tok, REQUESTS, batch_size=4)
     single = [i for i, (_, k) in enumerate(REQUESTS) if len(k) == 1]  # one-token answers
     moved = [abs(got[i] - base[i]) > 1e-3 for i in single]
     # 'generated': the first answer token comes from the unsteered prompt, as in steered generation
@@ -130,11 +132,11 @@ def test_steering_edits_continuation_positions_like_generation(positions):
 
 
 def test_encode_moves_trailing_context_whitespace_and_splits_merged_tokens(smol_tokenizer):
-    (ctx_ids, cont_ids), = mc.encode_requests(smol_tokenizer, [("The answer is ", "blue")])
+    (ctx_ids, cont_ids), = scoring.encode_requests(smol_tokenizer, [("The answer is ", "blue")])
     whole = smol_tokenizer.encode("The answer is blue")
     assert ctx_ids == smol_tokenizer.encode("The answer is") and ctx_ids + cont_ids == whole
     with pytest.raises(ValueError, match="empty context"):
-        mc.encode_requests(smol_tokenizer, [("", " x")])
+        scoring.encode_requests(smol_tokenizer, [("", " x")])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -193,10 +195,10 @@ def test_task_estimates_and_paired_deltas():
 
 def test_stratified_subset_is_proportional_seeded_and_ordered():
     items = [("a", i) for i in range(60)] + [("b", i) for i in range(30)] + [("c", i) for i in range(10)]
-    pick = mc.stratified_subset(items, 20, key=lambda x: x[0], seed=3)
+    pick = stratified_subset(items, 20, key=lambda x: x[0], seed=3)
     assert len(pick) == 20 and [x[0] for x in pick].count("a") == 12 and [x[0] for x in pick].count("c") == 2
-    assert pick == sorted(pick, key=items.index) and pick == mc.stratified_subset(items, 20, key=lambda x: x[0], seed=3)
-    assert pick != mc.stratified_subset(items, 20, key=lambda x: x[0], seed=4)
+    assert pick == sorted(pick, key=items.index) and pick == stratified_subset(items, 20, key=lambda x: x[0], seed=3)
+    assert pick != stratified_subset(items, 20, key=lambda x: x[0], seed=4)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -308,15 +310,15 @@ def test_cli_eval_mc_writes_results_and_paired_deltas(shared_data, smol_tokenize
     model_dir = tmp_path / "model"
     tiny_smol_llama().save_pretrained(model_dir)
     smol_tokenizer.save_pretrained(model_dir)
-    args = ["eval", "mc", "--model", str(model_dir), "--tasks", "arc_easy", "--tasks", "winogrande", "--limit", "3",
-            "--data-dir", str(shared_data), "--batch-size", "4"]
-    first = CliRunner().invoke(app, [*args, "--out-dir", str(tmp_path / "a")])
+    args = ["eval", "mc", "--model", str(model_dir), "--tasks", "arc_easy", "--tasks", "winogrande", "--n", "3",
+            "--data", str(shared_data), "--batch-size", "4"]
+    first = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "a")])
     assert first.exit_code == 0, first.output
     (result,) = read_results(tmp_path / "a" / "results.json")
     assert result.benchmark == "mc" and result.headline == ["arc_easy/acc_norm", "winogrande/acc"]
     assert result.details["tasks"]["arc_easy"]["n"] == 3 and len(result.details["items"]["winogrande"]) == 3
-    assert result.config["limit"] == 3 and "torch" in result.versions
-    second = CliRunner().invoke(app, [*args, "--out-dir", str(tmp_path / "b"), "--baseline", str(tmp_path / "a" / "results.json")])
+    assert result.config["n"] == 3 and "torch" in result.versions
+    second = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "b"), "--baseline", str(tmp_path / "a" / "results.json")])
     assert second.exit_code == 0, second.output
     (steered,) = read_results(tmp_path / "b" / "results.json")
     delta = steered.deltas

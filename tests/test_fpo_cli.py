@@ -39,12 +39,12 @@ def invoke(*args):
 
 def test_cache_train_eval_round_trip(workspace):
     common = ["--model", str(workspace / "base"), "--data", str(workspace / "pairs.jsonl"), "--sae",
-              str(workspace / "sae"), "--device", "cpu", "--no-show-progress", "--ref-cache", str(workspace / "ref")]
+              str(workspace / "sae"), "--device", "cpu", "--no-progress", "--ref-cache", str(workspace / "ref")]
     invoke("fpo", "cache", *common)
     meta = json.loads((workspace / "ref" / "cache.json").read_text())
     assert meta["n_pairs"] == 8 and meta["d_sae"] == 96
     out = workspace / "trained"
-    invoke("fpo", "train", "--loss", "fpo", *common, "--output-dir", str(out), "--learning-rate", "1e-3",
+    invoke("fpo", "train", "--loss", "fpo", *common, "--output", str(out), "--learning-rate", "1e-3",
            "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "2")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and "fpo/mse_chosen" in rows[0]
@@ -52,7 +52,7 @@ def test_cache_train_eval_round_trip(workspace):
 
     result_path = workspace / "compare.json"
     invoke("fpo", "eval", "--model", str(out), "--reference", str(workspace / "base"), "--data",
-           str(workspace / "pairs.jsonl"), "--sae", str(workspace / "sae"), "--device", "cpu", "--no-show-progress",
+           str(workspace / "pairs.jsonl"), "--sae", str(workspace / "sae"), "--device", "cpu", "--no-progress",
            "--output", str(result_path))
     (record,) = read_results(result_path)
     metrics = record.metrics
@@ -69,7 +69,7 @@ def test_cache_train_eval_round_trip(workspace):
 def test_eval_of_the_reference_against_itself_is_zero_distance(workspace):
     result_path = workspace / "self.json"
     invoke("fpo", "eval", "--model", str(workspace / "base"), "--reference", str(workspace / "base"), "--data",
-           str(workspace / "pairs.jsonl"), "--sae", str(workspace / "sae"), "--device", "cpu", "--no-show-progress",
+           str(workspace / "pairs.jsonl"), "--sae", str(workspace / "sae"), "--device", "cpu", "--no-progress",
            "--output", str(result_path))
     metrics = read_results(result_path)[0].metrics
     assert abs(metrics["kl_to_reference"].value) < 1e-6

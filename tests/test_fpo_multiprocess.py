@@ -34,7 +34,7 @@ def _read(out_dir):
 
 
 def _config(out_dir, per_device):
-    return dict(output_dir=str(out_dir), loss="fpo", device="cpu", show_progress=False, learning_rate=1e-3,
+    return dict(output=str(out_dir), loss="fpo", device="cpu", progress=False, learning_rate=1e-3,
                 warmup_ratio=0.0, per_device_train_batch_size=per_device, gradient_accumulation_steps=2,
                 num_train_epochs=1)
 

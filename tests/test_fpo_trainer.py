@@ -20,7 +20,7 @@ def _cache_in_tmp(tmp_path, monkeypatch):
 
 
 def config(tmp_path, name, **overrides):
-    base = dict(output_dir=str(tmp_path / name), device="cpu", show_progress=False, learning_rate=1e-3,
+    base = dict(output=str(tmp_path / name), device="cpu", progress=False, learning_rate=1e-3,
                 per_device_train_batch_size=2, gradient_accumulation_steps=2, warmup_ratio=0.0)
     return T.TrainConfig(**{**base, **overrides})
 

@@ -146,7 +146,7 @@ def _fake_data_dir(mt, tmp_path):
 
 def test_run_writes_fastchat_files_and_resumes(mt, model, smol_tokenizer, tmp_path):
     data = _fake_data_dir(mt, tmp_path)
-    cfg = MTBenchConfig(data_dir=data, out_dir=tmp_path / "run", max_new_tokens=4, judge="self", judge_max_tokens=6,
+    cfg = MTBenchConfig(data=data, output=tmp_path / "run", max_new_tokens=4, judge="self", judge_max_tokens=6,
                         progress=False, name="tiny")
     result = run_mt_bench(cfg, model=model, tokenizer=smol_tokenizer)
     answers = (tmp_path / "run" / "model_answer" / "tiny.jsonl").read_text().splitlines()
@@ -166,7 +166,7 @@ def test_run_writes_fastchat_files_and_resumes(mt, model, smol_tokenizer, tmp_pa
     assert (tmp_path / "run" / "model_answer" / "tiny.jsonl").read_text().splitlines() == answers
     assert "generate_s" not in again.details["timings"] and cache.stat().st_mtime_ns == before
     # other generation settings must not be mixed into the same run directory
-    with pytest.raises(ValueError, match=r"\['max_new_tokens'\].*new out_dir"):
+    with pytest.raises(ValueError, match=r"\['max_new_tokens'\].*new output directory"):
         run_mt_bench(MTBenchConfig(**{**cfg.__dict__, "max_new_tokens": 5}), model=model, tokenizer=smol_tokenizer)
 
 
@@ -180,26 +180,26 @@ def test_cli(mt, model, smol_tokenizer, tmp_path):
     model.save_pretrained(model_dir)
     smol_tokenizer.save_pretrained(model_dir)
     data = _fake_data_dir(mt, tmp_path)
-    out = CliRunner().invoke(app, ["eval", "mt-bench", "--data-dir", str(data), "--out-dir", str(tmp_path / "cli"),
-                                   "--model", str(model_dir), "--limit", "2", "--max-new-tokens", "3",
+    out = CliRunner().invoke(app, ["eval", "mt-bench", "--data", str(data), "--output", str(tmp_path / "cli"),
+                                   "--model", str(model_dir), "--n", "2", "--max-new-tokens", "3",
                                    "--judge", "self", "--judge-max-tokens", "3", "--seeds", "0", "--seeds", "1",
                                    "--no-progress"])
     assert out.exit_code == 0, out.output
     (result,) = read_results(tmp_path / "cli" / "results.json")
     assert result.data["n"] == 2 and result.config["seeds"] == [0, 1] and result.details["n_judgments"] == 8
-    missing = CliRunner().invoke(app, ["eval", "mt-bench", "--out-dir", str(tmp_path)])
-    assert missing.exit_code != 0 and "--data-dir" in missing.output
+    missing = CliRunner().invoke(app, ["eval", "mt-bench", "--output", str(tmp_path)])
+    assert missing.exit_code != 0 and "--data" in missing.output
 
 
 def test_likelihood_judge_mode_rates_every_answer_by_the_most_likely_rating(mt, model, smol_tokenizer, tmp_path):
     """A random tiny judge never writes a rating, but in the likelihood mode each judgment gets the rating
     whose continuation the judge finds most likely; an independent scoring of the ten ratings agrees."""
     from saealign.eval.judges import HFJudge
-    from saealign.eval.mc import score_requests
+    from saealign.runtime.scoring import score_requests
     from saealign.eval.mt_bench import RATING_PREFIX
 
     data = _fake_data_dir(mt, tmp_path)
-    cfg = MTBenchConfig(data_dir=data, out_dir=tmp_path / "run", max_new_tokens=4, judge="self",
+    cfg = MTBenchConfig(data=data, output=tmp_path / "run", max_new_tokens=4, judge="self",
                         judge_mode="likelihood", progress=False, name="tiny")
     result = run_mt_bench(cfg, model=model, tokenizer=smol_tokenizer)
     judgments = [json.loads(x) for x in
@@ -216,5 +216,5 @@ def test_likelihood_judge_mode_rates_every_answer_by_the_most_likely_rating(mt, 
         assert j["judgment"] == f"{RATING_PREFIX}{j['score']}]]"
         assert abs(sum(j["rating_probs"].values()) - 1) < 1e-4 and 1 <= j["expected_rating"] <= 10
     with pytest.raises(ValueError, match="judge mode"):
-        run_mt_bench(MTBenchConfig(**{**cfg.__dict__, "judge_mode": "vote", "out_dir": tmp_path / "r2"}),
+        run_mt_bench(MTBenchConfig(**{**cfg.__dict__, "judge_mode": "vote", "output": tmp_path / "r2"}),
                      model=model, tokenizer=smol_tokenizer)

@@ -6,7 +6,7 @@ import pytest
 from conftest import CharTok, build_tiny, char_triples
 from saealign.dspa import DSPA, StaticSAE, SteerConfig, fit_map, FitOptions
 from saealign.dspa.baselines import PromptPrefix, RepE
-from saealign.eval.pref import score_triples
+from saealign.runtime.scoring import score_triples
 from saealign.eval.pref_cache import ScoringCache
 from test_dspa import _tiny_saes
 

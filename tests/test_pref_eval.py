@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import CharTok, char_triples
-from saealign.eval.pref import SequenceScores, preference_metrics
+from saealign.eval.pref import preference_metrics
+from saealign.runtime.scoring import SequenceScores
 from saealign.stats import mean_estimate
 
 
@@ -41,7 +42,7 @@ def test_bootstrap_interval_covers_mean():
 
 
 def test_teacher_forced_scores_match_manual(tiny_llama):
-    from saealign.eval.pref import score_triples
+    from saealign.runtime.scoring import score_triples
     from saealign.data import render_triples
 
     tok = CharTok()
@@ -74,7 +75,7 @@ class _NoLogitMask(torch.nn.Module):
 
 def test_scoring_without_boolean_logits_to_keep_equals_with_it(tiny_llama):
     """The GPU image's transformers 5.17 case: found by behaviour, then the full-logits path, same scores."""
-    from saealign.eval.pref import score_triples
+    from saealign.runtime.scoring import score_triples
     from saealign.models import takes_logit_mask
 
     tok, triples = CharTok(), char_triples(4)

@@ -118,30 +118,30 @@ def test_missing_or_unknown_methods_are_refused_before_loading(pairs, tmp_path):
 
 
 def test_zero_counts_are_refused_everywhere():
-    from saealign.cli.eval_pref_cmd import PrefEvalConfig
-    from saealign.cli.sae_cmd import SAEEvalConfig
+    from saealign.eval.pref import PrefEvalConfig
+    from saealign.sae.evaluate import SAEEvalConfig
     from saealign.eval.alpaca_eval import AlpacaEvalConfig
     from saealign.eval.mt_bench import MTBenchConfig
     from saealign.fpo.trainer import TrainConfig
     from saealign.sae.train import SAETrainConfig
 
-    for cls, name in [(PrefEvalConfig, "n"), (SAEEvalConfig, "limit"), (MTBenchConfig, "limit"),
-                      (AlpacaEvalConfig, "limit"), (TrainConfig, "max_pairs"), (SAETrainConfig, "max_texts"),
+    for cls, name in [(PrefEvalConfig, "n"), (SAEEvalConfig, "n"), (MTBenchConfig, "n"),
+                      (AlpacaEvalConfig, "n"), (TrainConfig, "n"), (SAETrainConfig, "n"),
                       (SAETrainConfig, "k"), (MTBenchConfig, "batch_size"), (TrainConfig, "num_train_epochs")]:
         with pytest.raises(ConfigError, match=f"{name} must be >= 1, got 0"):
             cls(**{name: 0})
 
 
 @pytest.mark.parametrize("command, required", [
-    ("mt-bench", ["--data-dir", "DIR"]),
+    ("mt-bench", ["--data", "DIR"]),
     ("alpaca-eval", ["--reference-outputs", "DIR/ref.json", "--judge-template", "DIR/t.txt"]),
 ])
 def test_judge_mode_is_refused_before_anything_is_generated(tmp_path, command, required):
     out = tmp_path / "out"
     args = [a.replace("DIR", str(tmp_path)) for a in required]
-    line = refused("eval", command, *args, "--out-dir", str(out), "--model", NO_MODEL, "--judge-mode", "vote")
+    line = refused("eval", command, *args, "--output", str(out), "--model", NO_MODEL, "--judge-mode", "vote")
     assert line.startswith("error: --judge-mode must be one of ") and "'vote' is not a known judge mode" in line
-    assert refused("eval", command, *args, "--out-dir", str(out), "--model", NO_MODEL, "--judge", "gpt4") == \
+    assert refused("eval", command, *args, "--output", str(out), "--model", NO_MODEL, "--judge", "gpt4") == \
         "error: unknown judge 'gpt4': expected openai:MODEL, hf:NAME_OR_PATH, rm:PATH or self"
     assert not out.exists()
 
@@ -186,7 +186,7 @@ def test_the_installed_command_prints_no_traceback(tmp_path):
         "ConfigError: beta must be > 0, got -1.0")
 
 
-def test_usage_errors_stay_typers_and_help_shows_choices_and_bounds():
+def test_usage_errors_stay_typers_and_help_shows_choices_bounds_and_defaults():
     @dataclass
     class Cfg:
         mode: Literal["a", "b"] = "a"
@@ -198,14 +198,14 @@ def test_usage_errors_stay_typers_and_help_shows_choices_and_bounds():
     config_command(demo, "run", Cfg)(lambda cfg: None)
     demo.command("noop")(lambda: None)
     params = {p.name: p.help for p in typer.main.get_command(demo).commands["run"].params}
-    assert params["mode"] == "[one of: a, b]" and params["k"] == "Count. [>= 1]"
+    assert params["mode"] == "[one of: a, b] [default: a]" and params["k"] == "Count. [>= 1] [default: 1]"
     usage = CliRunner().invoke(app, ["fpo", "train", "--model", NO_MODEL])
     assert usage.exit_code == 2 and "--data" in usage.output and "error: " not in usage.output
 
 
-def test_data_inspect_refuses_a_zero_limit(pairs):
-    result = CliRunner().invoke(app, ["data", "inspect", str(pairs), "--limit", "0"])
-    assert result.exit_code == 2 and "--limit" in result.output and "error: " not in result.output
+def test_data_inspect_refuses_a_zero_n(pairs):
+    result = CliRunner().invoke(app, ["data", "inspect", str(pairs), "--n", "0"])
+    assert result.exit_code == 2 and "--n" in result.output and "error: " not in result.output
 
 
 def test_demo_mc_and_fpo_eval_configs_check_themselves():
@@ -213,7 +213,7 @@ def test_demo_mc_and_fpo_eval_configs_check_themselves():
     from saealign.eval.mc import MCConfig
     from saealign.fpo.evaluate import CompareConfig
 
-    for make, kwargs in ((DemoConfig, {"alpha": -1}), (DemoConfig, {"heldout": 1.0}), (MCConfig, {"limit": 0}),
+    for make, kwargs in ((DemoConfig, {"alpha": -1}), (DemoConfig, {"heldout": 1.0}), (MCConfig, {"n": 0}),
                          (CompareConfig, {"batch_size": 0})):
         with pytest.raises(ConfigError, match="must be"):
             make(**kwargs)

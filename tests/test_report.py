@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from saealign.eval import select_subset
+from saealign.data import select_subset
 from saealign.eval.report import deltas, load_results, markdown_table, write_report
 from saealign.results import ResultRecord, read_results, write_results
 from saealign.stats import Estimate
@@ -83,7 +83,7 @@ def test_report_files_and_cli(runs, tmp_path):
     from saealign.cli import app
     from saealign.cli import eval_gen_cmd  # noqa: F401
 
-    out = CliRunner().invoke(app, ["report", *map(str, runs), "--out", str(tmp_path / "cli"), "--baseline", "dspa"])
+    out = CliRunner().invoke(app, ["report", *map(str, runs), "--output", str(tmp_path / "cli"), "--baseline", "dspa"])
     assert out.exit_code == 0, out.output
     assert "Baseline for deltas: `dspa`" in (tmp_path / "cli" / "report.md").read_text()
 

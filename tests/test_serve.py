@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 
-from saealign.eval.generation import Sampling, generate, generate_chat, render_chat
+from saealign.runtime.generation import Sampling, generate, generate_chat, render_chat
 from saealign.hooks import edit_residual
 from saealign.serve import OpenAIServer, ServeConfig, build_server
 from conftest import char_triples
@@ -264,7 +264,7 @@ def test_mixed_concurrent_requests_equal_one_at_a_time(server):
 def test_engine_edits_every_decoded_token_where_the_rule_says(server, model, smol_tokenizer, methods):
     """In one shared batch: a RepE row is edited at every fed-back token, a DSPA row exactly where DSPA alone
     (the classic `generate` path) edits, a base row nowhere."""
-    from saealign.eval.generation import BatchEngine, DecodeRow
+    from saealign.runtime.generation import BatchEngine, DecodeRow
     from saealign.steering import row_steering
 
     engine = BatchEngine(model, smol_tokenizer)
@@ -366,7 +366,7 @@ def test_disconnect_cancels_generation(server):
 def test_a_long_request_does_not_hold_up_others(model, smol_tokenizer):
     """A 3,000-token request (with log-probabilities) shares the batch: a short one arriving later joins at the
     next step and is answered while the long one runs; a cancelled row leaves at the next step."""
-    from saealign.eval.generation import BatchEngine, DecodeRow
+    from saealign.runtime.generation import BatchEngine, DecodeRow
 
     engine = BatchEngine(model, smol_tokenizer)
     prompts = [smol_tokenizer(render_chat(smol_tokenizer, c), add_special_tokens=False)["input_ids"] for c in CONVS]
@@ -450,7 +450,7 @@ def test_serve_cli_is_registered():
 
     out = CliRunner().invoke(app, ["serve", "--help"])
     assert out.exit_code == 0 and "--port" in out.output and "--intervention" in out.output
-    assert "--method" in out.output and "--max-queue" in out.output
+    assert "--methods" in out.output and "--max-queue" in out.output
 
 
 def test_edit_step_is_one_graph_and_counts_without_sync(methods):
@@ -495,7 +495,7 @@ def test_default_model_behind_the_server_judges_over_http():
 
 
 def test_server_with_a_method_spec(model, smol_tokenizer):
-    cfg = ServeConfig(port=0, intervention="prompt-prefix:Answer in French.", method=["plain=base"])
+    cfg = ServeConfig(port=0, intervention="prompt-prefix:Answer in French.", methods=["plain=base"])
     with build_server(cfg, model=model, tokenizer=smol_tokenizer) as srv:
         assert srv.model_name == "tiny-chat-2+prompt-prefix" and srv.intervention.system_prompt == "Answer in French."
         out = _chat(srv, CONVS[0], srv.model_name, max_tokens=3)

@@ -92,7 +92,7 @@ def test_one_steering_config_refuses_bad_values():
         SteeringOptions(mode="sideways")
     with pytest.raises(ConfigError, match="alpha must be >= 0, got -1"):
         LatentSteering(alpha=-1)
-    from saealign.cli.eval_pref_cmd import PrefEvalConfig
+    from saealign.eval.pref import PrefEvalConfig
     from saealign.dspa.steer import SteerConfig
 
     with pytest.raises(ConfigError, match="k_diff must be >= 1"):

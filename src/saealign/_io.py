@@ -1,4 +1,5 @@
-"""Shared file helpers: atomic writes, JSON configs, fingerprints and the cache directory.
+"""Shared file helpers: atomic writes, JSON configs, fingerprints, the cache directory and run directories
+(their `config.json` and the package versions recorded with every result).
 
 Every artifact in saealign goes through these so that an interrupted write never leaves a
 half-written file behind, and so that "what does this artifact belong to" is computed one way.
@@ -7,13 +8,16 @@ half-written file behind, and so that "what does this artifact belong to" is com
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
+import platform
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -184,3 +188,49 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe form of a model or judge name (`org/model` -> `org--model`)."""
+    cleaned = "".join(c if c.isalnum() or c in "-_.+" else "-" for c in name.replace("/", "--"))
+    return cleaned.strip(".") or "unnamed"
+
+
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+_VERSIONED = ("saealign", "torch", "transformers", "numpy", "trl", "peft", "safetensors")
+
+
+def versions() -> dict[str, str]:
+    """Package versions, Python, platform and the accelerator, recorded next to every result."""
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for dist in _VERSIONED:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    if "torch" in sys.modules:
+        import torch
+
+        out["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return out
+
+
+def start_run(out_dir: str | os.PathLike, config: dict[str, Any], generation_fields: Sequence[str]) -> None:
+    """Write `config.json` (config + versions) into `out_dir`. Runs resume from the outputs already there,
+    so a run whose `generation_fields` differ from the previous run's is refused rather than mixed in."""
+    path = Path(out_dir) / "config.json"
+    current = json.loads(json.dumps(config, default=str))
+    if path.exists():
+        previous = read_json(path).get("config", {})
+        changed = [f for f in generation_fields if f in previous and previous[f] != current.get(f)]
+        if changed:
+            raise ValueError(f"{path}: the outputs in {out_dir} were generated with other {changed} "
+                             f"({[previous[f] for f in changed]} vs {[current.get(f) for f in changed]}); "
+                             "use a new output directory")
+    write_json(path, {"config": current, "versions": versions()})

@@ -13,7 +13,6 @@ the batch's other real tokens. Every SAE metric and the SAE trainer use this sam
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saealign._io import write_json
+from saealign._io import read_json, write_json
+from saealign.data import length_batches
 from saealign.hooks import read_residuals
 
 log = logging.getLogger(__name__)
@@ -39,19 +39,11 @@ def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[lis
     return [ids for ids in out if len(ids) >= 2]
 
 
-def length_batches(sequences: Sequence[Sequence[int]], batch_tokens: int, pad_id: int
+def padded_batches(sequences: Sequence[Sequence[int]], batch_tokens: int, pad_id: int
                    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-    """Yield `(indices, input_ids, attention_mask)`: sequences sorted by length, right-padded, each
-    batch holding at most `batch_tokens` padded tokens (a long sequence still gets a batch of one)."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    batch: list[int] = []
-    for index in order:
-        longest = len(sequences[index])  # sorted ascending: the newest is the longest
-        if batch and (len(batch) + 1) * longest > batch_tokens:
-            yield _pad(batch, sequences, pad_id)
-            batch = []
-        batch.append(index)
-    if batch:
+    """Yield `(indices, input_ids, attention_mask)`: `data.length_batches` shortest first, right-padded,
+    each batch holding at most `batch_tokens` padded tokens (a long sequence still gets a batch of one)."""
+    for batch in length_batches([len(seq) for seq in sequences], max_tokens=batch_tokens, longest_first=False):
         yield _pad(batch, sequences, pad_id)
 
 
@@ -104,7 +96,7 @@ def iter_activations(model, sequences: Sequence[Sequence[int]], layers: Sequence
     device = next(model.parameters()).device
     pad_id = 0
     bar = tqdm(total=sum(len(s) for s in sequences), unit="tok", desc=desc, disable=not progress, smoothing=0.1)
-    for _, ids, mask in length_batches(sequences, batch_tokens, pad_id):
+    for _, ids, mask in padded_batches(sequences, batch_tokens, pad_id):
         ids, mask = ids.to(device), mask.to(device)
         hidden = read_residuals(model, ids, mask, list(layers))
         keep = mask.bool()
@@ -133,7 +125,7 @@ class ActivationCache:
         self.layers = list(layers)
         self.d = d_model
         self.meta_path = self.dir / "meta.json"
-        self.meta = json.loads(self.meta_path.read_text()) if self.meta_path.exists() else {
+        self.meta = read_json(self.meta_path) if self.meta_path.exists() else {
             "layers": self.layers, "d": d_model, "rows": 0, "sequences_done": 0, "complete": False}
         reusable = self.meta["complete"] and set(self.layers) <= set(self.meta["layers"])
         if reusable:  # a finished cache of more layers serves any subset of them

@@ -31,7 +31,9 @@ from tqdm.auto import tqdm
 
 from saealign._io import read_json, text_fingerprint, write_json
 from saealign.config import check_config, differing_settings
+from saealign.data import read_records, select_subset
 from saealign.eval.attributes import KINDS, Scorer, get_scorer
+from saealign.models import ModelOptions
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +119,7 @@ def load_prompts(sources: list[str], data: str | None = None, n: int | None = No
             log.warning("%s: dropped %d of %d prompts (over %s words, or in %s)", source, len(unique) - len(kept),
                         len(unique), max_prompt_words, list(exclude) or "no excluded source")
         unique = kept
-        if n is not None and n < len(unique):
-            unique = [unique[i] for i in sorted(random.Random(f"prompts/{seed}").sample(range(len(unique)), n))]
+        unique = select_subset(unique, n, f"prompts/{seed}")
         out += [AttributePrompt(c, kind or None) for c in unique]
     if not out:
         raise ValueError(f"no prompts in {sources}")
@@ -126,27 +127,26 @@ def load_prompts(sources: list[str], data: str | None = None, n: int | None = No
 
 
 @dataclass
-class BestOfKConfig:
+class BestOfKConfig(ModelOptions):
+    """`saealign data best-of-k`: preference triples from K sampled answers per prompt, ranked by a scorer."""
+
     output: str = field(default="", metadata={"help": "Directory for triples.jsonl, samples.jsonl, provenance.json."})
     sources: list[str] = field(default_factory=list, metadata={"help": "Prompt sources [KIND=]ROLE_OR_FILE (repeat), e.g. harmful=harmless_fit, benign=fit, prompts.txt."})
     scorer: str = field(default="", metadata={"help": "Attribute scorer by name (saealign.eval.attributes: repetition, refusal, length, refuse_iff_harmful, or your own)."})
     data: str | None = field(default=None, metadata={"help": "HH-RLHF directory when a source names a role."})
-    n: int | None = field(default=None, metadata={"help": "Seeded draw of N prompts per source (all when unset).", "ge": 1})
+    n: int | None = field(default=None, metadata={"help": "Seeded uniform draw of this many prompts per source (default: all).", "ge": 1})
     seed: int = field(default=0, metadata={"help": "Seed of the prompt draw and of sampling (batch b samples with seed + b)."})
-    split_seed: int = 0
+    split_seed: int = field(default=0, metadata={"help": "Seed of the HH-RLHF fit/validation split (sources naming those roles)."})
     max_prompt_words: int | None = field(default=200, metadata={"help": "Drop longer prompts (before the draw).", "ge": 1})
     exclude: list[str] = field(default_factory=list, metadata={"help": "Drop prompts whose text occurs in these sources (repeat), e.g. the fit roles for held-out triples."})
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "The base model (alias, local dir or hub id)."})
     k: int = field(default=4, metadata={"help": "Answers sampled per prompt.", "ge": 2})
     k_by_kind: list[str] = field(default_factory=list, metadata={"help": "KIND=K overrides (e.g. harmful=16: refusals are rare)."})
-    temperature: float = field(default=0.9, metadata={"gt": 0})
-    top_p: float = field(default=0.95, metadata={"gt": 0, "le": 1})
-    max_new_tokens: int = field(default=48, metadata={"ge": 1})
+    temperature: float = field(default=0.9, metadata={"help": "Sampling temperature of the K answers.", "gt": 0})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling: keep the tokens of this much probability.", "gt": 0, "le": 1})
+    max_new_tokens: int = field(default=48, metadata={"help": "Most tokens per sampled answer.", "ge": 1})
     min_margin: float = field(default=0.0, metadata={"help": "Skip prompts whose best-worst score gap is below this (a zero gap, a tie, is always skipped).", "ge": 0})
     batch_prompts: int = field(default=16, metadata={"help": "Prompts per resumable batch.", "ge": 1})
     batch_size: int = field(default=16, metadata={"help": "Sequences per generate call.", "ge": 1})
-    dtype: str | None = None
-    device: str | None = None
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -228,8 +228,8 @@ def _refuse_other_settings(out: Path, settings: dict[str, Any]) -> None:
 
 def build_best_of_k(cfg: BestOfKConfig, model=None, tokenizer=None, progress: bool = True) -> dict[str, Any]:
     """Build (or continue) best-of-K triples into `cfg.output`; returns the provenance with its counts."""
-    from saealign.eval import versions
-    from saealign.eval.generation import Sampling, generate_chat
+    from saealign._io import versions
+    from saealign.runtime.generation import Sampling, generate_chat
     from saealign.models import load_model, model_fingerprint, model_id
 
     if not cfg.output or not cfg.sources or not cfg.scorer:
@@ -295,8 +295,7 @@ def build_best_of_k(cfg: BestOfKConfig, model=None, tokenizer=None, progress: bo
 
 def _counts_by_kind(samples: Path) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
-    for line in samples.read_text().splitlines():
-        s = json.loads(line)
+    for _, s in read_records(samples):
         c = out.setdefault(str(s["kind"]), {"prompts": 0, "triples": 0})
         c["prompts"] += 1
         c["triples"] += s["skipped"] is None

@@ -4,6 +4,8 @@ value the moment the config is built — before a model loads or anything is gen
 A field is checked against its `Literal[...]` choices (also inside `X | None` and `list[...]`) and
 against the bounds in its metadata: `ge`, `gt`, `le`, `lt` (`field(default=1, metadata={"ge": 1})`).
 A config calls `check_config(self)` from its `__post_init__`.
+
+Every command names the same thing the same way; `GLOSSARY` is that vocabulary (tests keep the fields to it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,34 @@ import operator
 import types
 import typing
 from typing import Any
+
+GLOSSARY = {
+    "output": "where a command writes: its output directory (artifacts, results.json, caches; a rerun resumes "
+              "from it), or one results file where the help says so",
+    "data": "where the input comes from: a file, a directory (the shared data root, an HH-RLHF role directory, "
+            "a benchmark folder) or a hub dataset",
+    "data_role": "one of the fixed roles of the shared HH-RLHF data (fit, validation, test_helpful, ...)",
+    "n": "how many items a command uses (triples, prompts, texts, questions; per task or per source where "
+         "its help says so), as a seeded draw whose kind (uniform, nested, stratified by subset) the help names; "
+         "unset: all",
+    "seed": "the seed of a command's randomness: its draw of n, and sampling or bootstrap where it has them",
+    "subset_seed": "the seed of the draw of n in the benchmarks (eval mc, mt-bench, alpaca-eval), "
+                   "kept apart from their generation seeds",
+    "seeds": "generation seeds: one sampled output per prompt and seed",
+    "split_seed": "the seed of the HH-RLHF fit/validation split",
+    "model": "a `saealign models` alias, a local directory or a hub id (default: saealign.models.DEFAULT_MODEL)",
+    "dtype": "the dtype a model is loaded in (default: bfloat16 on CUDA, float32 on CPU)",
+    "device": "a torch device: cpu, cuda, cuda:N, mps (default: CUDA when present)",
+    "intervention": "one steering method applied to the evaluated model (a method spec or an artifact directory)",
+    "methods": "several methods side by side (repeat the flag), each SPEC or NAME=SPEC",
+    "name": "the label results are written under",
+    "batch_size": "items per forward pass or optimizer step (the help names the unit)",
+    "max_length": "tokens per input (prompt plus response, or one text); longer inputs are cut",
+    "max_new_tokens": "the most tokens generated per output",
+    "n_boot": "bootstrap resamples of a 95% interval",
+    "progress": "show progress bars",
+    "overwrite": "start afresh in an output that holds work of other settings, instead of refusing",
+}
 
 BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
 

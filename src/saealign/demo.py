@@ -20,6 +20,7 @@ from rich.markdown import Markdown
 from rich.table import Table
 
 from saealign.config import check_config
+from saealign.models import model_option
 from saealign.steering import LatentSteering
 
 DEMO_DATA = Path(__file__).resolve().parent / "resources" / "demo_preferences.jsonl"
@@ -30,7 +31,7 @@ class DemoConfig(LatentSteering):
     """The demo's data and output, and the steering knobs (the paper's defaults unless given)."""
 
     data: str = field(default=str(DEMO_DATA), metadata={"help": "Preference triples (default: the built-in demonstration set)."})
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "Model alias, local directory or hub id."})
+    model: str = model_option("model")
     sae_in: str = field(default="default:in", metadata={"help": "SAE read at the input (prompt) layer."})
     sae_out: str = field(default="default:out", metadata={"help": "SAE edited at the output layer."})
     heldout: float = field(default=0.25, metadata={"help": "Fraction of triples held out for the preference metric.",
@@ -47,7 +48,7 @@ class DemoConfig(LatentSteering):
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     from saealign.data import load_preferences
     from saealign.dspa import DSPA, SteerConfig, fit_map
-    from saealign.eval.generation import Sampling, generate_chat
+    from saealign.runtime.generation import Sampling, generate_chat
     from saealign.eval.pref import evaluate_preferences, markdown_table
     from saealign.models import load_model
     from saealign.sae import load_sae

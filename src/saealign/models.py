@@ -15,17 +15,41 @@ import os
 import shutil
 import tempfile
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Literal
 
 import torch
 
 from saealign._io import cache_dir
+from saealign.config import check_config
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+Dtype = Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
+
+
+@dataclass
+class ModelOptions:
+    """The model a command loads, declared once: every config that loads one model extends it."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata={
+        "help": "Model: a `saealign models` alias, a local directory or a hub id."})
+    dtype: Dtype | None = field(default=None, metadata={
+        "help": "Dtype the weights are loaded in (default: bfloat16 on CUDA, float32 on CPU)."})
+    device: str | None = field(default=None, metadata={
+        "help": "Torch device: cpu, cuda, cuda:N or mps (default: CUDA when present, else CPU)."})
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+
+def model_option(name: str) -> Any:
+    """A config field for one of `ModelOptions`' fields, as it declares it: for a config whose model comes from
+    an artifact (a map records its model) and that takes only where and how to load it."""
+    declared = next(f for f in fields(ModelOptions) if f.name == name)
+    return field(default=declared.default, metadata=declared.metadata)
 
 
 @dataclass(frozen=True)
@@ -290,3 +314,11 @@ def cache_argument(model, cache) -> dict:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through PEFT wrappers
     return {"cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values": cache}
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id every batch pads with: the tokenizer's pad token, else its (first) end-of-sequence token."""
+    candidate = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if candidate is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+    return int(candidate[0] if isinstance(candidate, list) else candidate)

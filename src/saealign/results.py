@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from saealign.eval import versions
+from saealign._io import versions
 from saealign.stats import Estimate
 
 RESULT_SCHEMA = 2
@@ -80,13 +80,10 @@ class NotAResultFile(ValueError):
 
 def read_results(path: str | os.PathLike) -> list[ResultRecord]:
     """The records of a result file (`write_results`); another file is refused with its path named."""
-    import json
+    from saealign._io import read_json
 
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+    data = read_json(path)
     if not isinstance(data, dict) or data.get("schema") != RESULT_SCHEMA or not isinstance(data.get("records"), list):
         raise NotAResultFile(f"{path}: not a saealign result file (schema {RESULT_SCHEMA}, a list of records)")
     try:

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
 
 from saealign.config import ConfigError, check_config
-from saealign.eval.generation import BatchEngine, DecodeRow, QueueFull, Sampling, render_chat
+from saealign.models import ModelOptions
+from saealign.runtime.generation import BatchEngine, DecodeRow, QueueFull, Sampling, render_chat
 from saealign.steering import Intervention, row_steering, system_prompt_of
 
 log = logging.getLogger(__name__)
@@ -596,23 +597,27 @@ def stream_chat(url: str, body: dict[str, Any], api_key: str | None = None, time
 
 
 @dataclass
-class ServeConfig:
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "alias, local dir or hub id"})
+class ServeConfig(ModelOptions):
+    """`saealign serve`: an OpenAI-compatible server of the base model and its steered methods, in one batch."""
+
     intervention: str | None = field(default=None, metadata={
-        "help": "the default method: an artifact directory or a method spec (prompt-prefix[:TEXT], dspa:DIR, ...)"})
-    method: list[str] = field(default_factory=list, metadata={
-        "help": "more methods a request can name as `model`: NAME=SPEC (repeatable)"})
-    name: str | None = field(default=None, metadata={"help": "served model id (default: model[+intervention])"})
-    host: str = field(default="127.0.0.1", metadata={"help": "bind address; 0.0.0.0 exposes it to the network"})
-    port: int = 8000
-    api_key_env: str | None = field(default=None, metadata={"help": "require `Bearer $VAR` when this variable is set"})
-    max_tokens_limit: int = field(default=4096, metadata={"ge": 1})
-    default_max_tokens: int = field(default=512, metadata={"ge": 1})
-    max_batch: int = field(default=64, metadata={"ge": 1, "help": "rows decoded together in one step"})
-    max_queue: int = field(default=256, metadata={"ge": 1, "help": "rows waiting beyond that; more is a 429"})
-    request_timeout_s: float = field(default=600.0, metadata={"gt": 0, "help": "a request running longer is a 504"})
-    device: str | None = None
-    dtype: str | None = None
+        "help": "The method a request gets when its `model` names the served id: an artifact directory or a method "
+                "spec (prompt-prefix[:TEXT], dspa:DIR, ...) (default: the unsteered model)."})
+    methods: list[str] = field(default_factory=list, metadata={
+        "help": "More methods a request can name as its `model`: NAME=SPEC (repeat the flag)."})
+    name: str | None = field(default=None, metadata={"help": "Served model id (default: model[+intervention])."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Bind address; 0.0.0.0 exposes it to the network."})
+    port: int = field(default=8000, metadata={"help": "TCP port (0: any free port).", "ge": 0, "le": 65535})
+    api_key_env: str | None = field(default=None, metadata={
+        "help": "Require `Bearer $VAR` from every request, VAR being this environment variable (default: open)."})
+    max_tokens_limit: int = field(default=4096, metadata={
+        "help": "Largest max_tokens a request may ask for; more is a 400.", "ge": 1})
+    default_max_tokens: int = field(default=512, metadata={
+        "help": "Tokens generated for a chat request that gives no max_tokens.", "ge": 1})
+    max_batch: int = field(default=64, metadata={"ge": 1, "help": "Rows decoded together in one step."})
+    max_queue: int = field(default=256, metadata={"ge": 1, "help": "Rows waiting beyond max_batch; more is a 429."})
+    request_timeout_s: float = field(default=600.0, metadata={"gt": 0, "help": "Seconds a request may run; "
+                                                                               "longer is a 504."})
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -625,14 +630,14 @@ def _named_methods(specs: list[str], model) -> dict[str, Intervention | None]:
     for item in specs:
         name, sep, spec = item.partition("=")
         if not sep or not name or not spec:
-            raise ConfigError("method", f"must be NAME=SPEC, got {item!r}")
+            raise ConfigError("methods", f"must be NAME=SPEC, got {item!r}")
         methods[name] = load_method(spec, model=model)
     return methods
 
 
 def build_server(cfg: ServeConfig, model=None, tokenizer=None, intervention=None) -> OpenAIServer:
     """The server a config describes (the model is loaded unless passed in)."""
-    from saealign.eval import default_name, load_policy
+    from saealign.steering import default_name, load_policy
 
     model, tokenizer, intervention = load_policy(cfg, model, tokenizer, intervention)
     api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
@@ -641,6 +646,6 @@ def build_server(cfg: ServeConfig, model=None, tokenizer=None, intervention=None
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use the model", cfg.host)
     return OpenAIServer(model, tokenizer, model_name=default_name(cfg, model, intervention), intervention=intervention,
-                        methods=_named_methods(cfg.method, model), host=cfg.host, port=cfg.port, api_key=api_key,
+                        methods=_named_methods(cfg.methods, model), host=cfg.host, port=cfg.port, api_key=api_key,
                         max_tokens_limit=cfg.max_tokens_limit, default_max_tokens=cfg.default_max_tokens,
                         max_batch=cfg.max_batch, max_queue=cfg.max_queue, request_timeout_s=cfg.request_timeout_s)

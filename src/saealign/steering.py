@@ -25,6 +25,7 @@ import torch
 from saealign._io import read_json
 from saealign.config import ConfigError, check_config
 from saealign.hooks import CallContext, PositionSpec
+from saealign.models import ModelOptions
 
 Mode = Literal["ablate", "augment", "both"]
 
@@ -234,3 +235,42 @@ def load_method(spec: str, model=None, **options: Any) -> Intervention | None:
 
         return PromptPrefix(arg) if arg else PromptPrefix()
     return _loaders()[kind](arg, model=model, **options)
+
+
+@dataclass
+class PolicyOptions(ModelOptions):
+    """The policy a benchmark evaluates: a model, optionally steered, and the name its results go under."""
+
+    intervention: str | None = field(default=None, metadata={
+        "help": "Steering applied while answering: a method spec (dspa:DIR, static-sae:DIR, repe:DIR, "
+                "prompt-prefix[:TEXT]) or an artifact directory (default: the unsteered model)."})
+    name: str | None = field(default=None, metadata={
+        "help": "Method name the outputs and results are labelled with (default: model id[+intervention])."})
+
+    def __post_init__(self) -> None:
+        check_config(self)
+        if self.intervention:
+            method_kind(self.intervention)  # a bad spec or a missing artifact fails before a model loads
+
+
+def load_policy(cfg, model=None, tokenizer=None, intervention=None):
+    """The model, tokenizer and intervention a config names, unless the caller passes them in."""
+    if model is None:
+        from saealign.models import load_model
+
+        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    if intervention is None and cfg.intervention:
+        intervention = load_method(cfg.intervention, model=model)  # checked against the model it steers
+    return model, tokenizer, intervention
+
+
+def default_name(cfg, model, intervention=None) -> str:
+    """`cfg.name`, else the model id plus the intervention's name (or its artifact's folder name)."""
+    from saealign.models import model_id
+
+    if cfg.name:
+        return cfg.name
+    base = model_id(model)
+    if intervention is not None and getattr(intervention, "name", None):
+        return f"{base}+{intervention.name}"
+    return f"{base}+{Path(cfg.intervention).name}" if cfg.intervention else base

@@ -12,18 +12,21 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from saealign.audit.describe import CATEGORIES
+from saealign._io import read_json
+from saealign.audit.describe import CATEGORIES, DESCRIPTIONS
 
 # Latents with no `sae describe` entry get a category of their own, so an audit run without descriptions
 # says so in its shares instead of counting every edit as "mixed".
 AUDIT_CATEGORIES = CATEGORIES + ("undescribed",)
 from saealign.dspa.steer import DSPA
-from saealign.eval.generation import Sampling, generate, render_chat
+from saealign.models import DEFAULT_MODEL
+from saealign.runtime.generation import Sampling, generate, render_chat
 from saealign.steering import system_prompt_of
 
 
@@ -131,3 +134,28 @@ def run_audit(model, tokenizer, dspa: DSPA, prompts: Sequence[tuple[str | None, 
             "separating": separating_latents(records, kinds[:2]) if len(kinds) >= 2 else [],
             "described": sorted(int(j) for j in described), "edited_tokens": sum(r["edited_tokens"] for r in records),
             "generated_tokens": sum(r["generated_tokens"] for r in records)}
+
+
+def audit_map(map_dir: str | Path, prompts: Sequence[str], output: str | Path, descriptions: str | Path | None = None,
+              data: str | Path | None = None, n: int | None = None, max_new_tokens: int = 64,
+              model: str = DEFAULT_MODEL, seed: int = 0, device: str | None = None,
+              **steering: Any) -> tuple[dict[str, Any], Path]:
+    """`saealign audit MAP`: audit a map on prompts drawn from `[KIND=]ROLE_OR_FILE` sources and write the
+    HTML report into `output`; returns `run_audit`'s numbers and the report's index page."""
+    from saealign.audit.html import write_report
+    from saealign.best_of_k import load_prompts
+    from saealign.models import load_model
+
+    chosen = load_prompts(list(prompts), data, n, seed)
+    described = None
+    if descriptions:
+        path = Path(descriptions)
+        described = read_json(path / DESCRIPTIONS if path.is_dir() else path)
+    loaded, tokenizer = load_model(model, device=device)
+    dspa = DSPA.load(map_dir, loaded, record=True, **steering)
+    if described and described["sae"]["fingerprint"] != dspa.sae_out.fingerprint():
+        raise ValueError(f"{descriptions}: describes SAE {described['sae']['fingerprint']}, not the map's output SAE "
+                         f"{dspa.sae_out.fingerprint()}")
+    result = run_audit(loaded, tokenizer, dspa, [(p.kind, p.conversation) for p in chosen], described,
+                       Sampling(max_new_tokens=max_new_tokens), seed=seed)
+    return result, write_report(result, described, output)

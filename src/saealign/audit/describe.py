@@ -23,18 +23,19 @@ from __future__ import annotations
 
 import string
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from saealign._io import load_tensors, read_json, save_tensors, text_fingerprint, write_json
-from saealign.activations import keep_mask, length_batches
+from saealign.activations import keep_mask, padded_batches
 from saealign.config import check_config
 from saealign.hooks import read_residuals
+from saealign.models import ModelOptions
 from saealign.sae.core import SAE
 
 TOKEN_CLASSES = ("formatting", "punctuation", "refusal", "discourse", "function", "content")
@@ -200,7 +201,7 @@ def collect_statistics(model, tokenizer, sae: SAE, texts: Sequence[str], cache_d
     bar = tqdm(total=len(texts), initial=start, unit="text", desc=f"describe layer {sae.layer}", disable=not progress)
     for chunk_start in range(start, len(texts), options.chunk_texts):
         sequences = _tokenize(tokenizer, texts[chunk_start: chunk_start + options.chunk_texts], options.max_length)
-        for index, ids, mask in length_batches(sequences, options.batch_tokens, pad_id=0):
+        for index, ids, mask in padded_batches(sequences, options.batch_tokens, pad_id=0):
             hidden = read_residuals(model, ids.to(device), mask.to(device), [sae.layer])[sae.layer]
             keep = keep_mask(hidden, mask.to(device)).cpu()
             rows, position = keep.nonzero(as_tuple=True)
@@ -287,6 +288,52 @@ def describe_latents(model, tokenizer, sae: SAE, texts: Sequence[str], cache_dir
               "latents": {str(j): d for j, d in describe(state, model, tokenizer, sae, texts, options, latents).items()}}
     write_json(Path(cache_dir) / DESCRIPTIONS, result)
     return result
+
+
+@dataclass
+class DescribeConfig(DescribeOptions, ModelOptions):
+    """`saealign sae describe`: activation statistics and descriptions of an SAE's latents."""
+
+    output: str = field(default="", metadata={"help": "Directory for the resumable statistics and descriptions.json."})
+    data: str = field(default="", metadata={"help": "Shared data root (HH-RLHF roles and the generic text)."})
+    roles: list[str] = field(default_factory=lambda: ["fit", "generic"], metadata={
+        "help": "Corpus: data roles and/or `generic` (ARC train, MMLU dev/val, self-instruct seeds); never a test role."})
+    sae: str = field(default="default:out", metadata={"help": "SAE whose latents are described."})
+    map: Optional[str] = field(default=None, metadata={
+        "help": "Describe only the latents of this DSPA map's SAE that have a non-zero entry in its (thresholded) map."})
+    latents: list[int] = field(default_factory=list, metadata={"help": "Describe only these latents (repeat)."})
+    n: Optional[int] = field(default=2000, metadata={"help": "Describe from a seeded uniform draw of this many texts.", "ge": 1})
+    seed: int = field(default=0, metadata={"help": "Seed of the --n draw."})
+    overwrite: bool = field(default=False, metadata={"help": "Start afresh when OUTPUT holds statistics of other settings."})
+
+
+def map_latents(map_dir: str, sae) -> list[int]:
+    """Latents of `sae` (the map's input or output SAE) with a non-zero entry in the thresholded map."""
+    from saealign.dspa.map import DSPAMap
+
+    dspa_map = DSPAMap.load(map_dir)
+    a = dspa_map.matrix()
+    for side, axis in (("sae_out", 0), ("sae_in", 1)):
+        if getattr(dspa_map.meta, side)["fingerprint"] == sae.fingerprint():
+            return (a != 0).any(axis).nonzero().squeeze(1).tolist()
+    raise ValueError(f"{map_dir}: the map was fitted with neither this SAE ({sae.fingerprint()}) as input nor as output")
+
+
+def run_describe(cfg: DescribeConfig) -> dict[str, Any]:
+    """`saealign sae describe`: describe the latents `cfg` selects from a seeded draw of its corpus
+    (`describe_latents`' result, also written to `cfg.output`)."""
+    from saealign.corpus import sample_texts
+    from saealign.models import load_model, load_tokenizer
+    from saealign.sae import load_sae
+
+    tokenizer = load_tokenizer(cfg.model)
+    texts = sample_texts(corpus_texts(cfg.data, tokenizer, cfg.roles), cfg.n, cfg.seed)
+    sae = load_sae(cfg.sae)
+    latents = map_latents(cfg.map, sae) if cfg.map else (cfg.latents or None)
+    model, _ = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    sae.check_model(model)
+    options = DescribeOptions(**{f.name: getattr(cfg, f.name) for f in fields(DescribeOptions)})
+    return describe_latents(model, tokenizer, sae, texts, cfg.output, latents, options, overwrite=cfg.overwrite)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -42,12 +42,15 @@ class _Group(TyperGroup):
             ctx.exit(2)
 
 
+HELP_AS_PLAIN_TEXT = None  # typer's rich markup would swallow `[one of: ...]` notes and `[[rating]]` in help texts
+
+
 def _typer(help: str) -> typer.Typer:
-    return typer.Typer(cls=_Group, help=help, no_args_is_help=True)
+    return typer.Typer(cls=_Group, help=help, no_args_is_help=True, rich_markup_mode=HELP_AS_PLAIN_TEXT)
 
 
 app = typer.Typer(cls=_Group, help="Preference alignment through sparse-autoencoder features (DSPA, FPO, baselines, evaluation).",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=HELP_AS_PLAIN_TEXT)
 sae_app = _typer("Train, evaluate and inspect sparse autoencoders.")
 data_app = _typer("Load and inspect preference data.")
 dspa_app = _typer("DSPA: fit, merge and inspect prompt-conditional steering maps.")

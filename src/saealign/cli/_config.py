@@ -20,6 +20,7 @@ from saealign.config import describe_range, literal_choices
 C = TypeVar("C")
 
 _SIMPLE = (str, int, float, bool, Path)
+CONFIG_CLASSES: list[type] = []  # every config dataclass a command is built from, in registration order
 
 
 def _cli_type(tp: Any) -> tuple[Any, bool]:
@@ -40,12 +41,24 @@ def _cli_type(tp: Any) -> tuple[Any, bool]:
     return str, True  # dicts and nested types: pass JSON text
 
 
+def _describe_default(field: dataclasses.Field, is_flag: bool) -> str:
+    """The field's default as help text, e.g. `default: 8`, `default: --no-progress`; '' when there is none to show
+    (None, empty: the help says what that means)."""
+    value = (field.default if field.default is not dataclasses.MISSING else
+             field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
+    if value is None or (not isinstance(value, bool) and value in ("", [], {})):
+        return ""
+    if is_flag:
+        return f"default: --{'' if value else 'no-'}{field.name.replace('_', '-')}"
+    return f"default: {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+
+
 def field_params(config_cls: type, required: tuple[str, ...] = ()) -> tuple[list[inspect.Parameter], set[str]]:
     """One typer parameter per init field of `config_cls`, and the names of the fields passed as JSON text.
 
     A field whose metadata has `"argument": True` is a positional argument (named by the field, upper-cased)
     instead of a flag. The help text of each flag is `field.metadata["help"]` plus the field's choices and
-    bounds (which `saealign.config.check_config` enforces when the config is built)."""
+    bounds (which `saealign.config.check_config` enforces when the config is built) and its default."""
     hints = typing.get_type_hints(config_cls)
     params, json_fields = [], set()
     for field in dataclasses.fields(config_cls):
@@ -58,7 +71,7 @@ def field_params(config_cls: type, required: tuple[str, ...] = ()) -> tuple[list
         decls = [f"{flag}/--no-{field.name.replace('_', '-')}"] if annotation is bool else [flag]
         choices = literal_choices(hints[field.name])
         notes = [f"one of: {', '.join(map(str, choices))}" if choices else "", describe_range(field),
-                 "required" if field.name in required else ""]
+                 "required" if field.name in required else _describe_default(field, annotation is bool)]
         help_text = " ".join([field.metadata.get("help", ""), *(f"[{note}]" for note in notes if note)]).strip()
         default = (typer.Argument(None, metavar=field.name.upper(), help=help_text, show_default=False)
                    if field.metadata.get("argument") else
@@ -93,6 +106,7 @@ def config_command(app: typer.Typer, name: str, config_cls: type[C], help: str |
     in `--config`)."""
 
     def decorator(fn: Callable[[C], Any]) -> Callable[[C], Any]:
+        CONFIG_CLASSES.append(config_cls)
         params, json_fields = field_params(config_cls, required)
         params.insert(0, inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
                                            default=typer.Option(None, "--config", help="JSON file with any of these fields; flags override it.")))
@@ -127,6 +141,7 @@ def config_flags(config_cls: type[C], param: str) -> Callable[[Callable[..., Any
     makes them) and pass them to the command as one instance, in its argument `param`."""
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        CONFIG_CLASSES.append(config_cls)
         own = [p for p in inspect.signature(fn).parameters.values() if p.name != param]
         params, json_fields = field_params(config_cls)
         names = [p.name for p in params]

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -14,39 +12,7 @@ from rich.table import Table
 from saealign.best_of_k import BestOfKConfig
 from saealign.cli import data_app
 from saealign.cli._config import config_command
-from saealign.data import LoadReport, PreferenceTriple, load_preferences
-
-
-def _stats(values: list[int]) -> dict[str, float]:
-    if not values:
-        return {}
-    arr = np.asarray(values)
-    return {"min": int(arr.min()), "median": round(float(np.median(arr)), 1), "mean": round(float(arr.mean()), 1),
-            "p95": round(float(np.percentile(arr, 95)), 1), "max": int(arr.max())}
-
-
-def inspect_triples(triples: list[PreferenceTriple], report: LoadReport, tokenizer=None) -> dict[str, Any]:
-    """Counts, formats, length statistics (chars; tokens with a tokenizer), turn distribution."""
-    prompt_chars = [sum(len(m["content"]) for m in t.prompt) for t in triples]
-    lengths: dict[str, dict[str, dict[str, float]]] = {"chars": {
-        "prompt": _stats(prompt_chars),
-        "chosen": _stats([len(t.chosen) for t in triples]),
-        "rejected": _stats([len(t.rejected) for t in triples]),
-    }}
-    if tokenizer is not None and triples:
-        from saealign.data import render_triples
-
-        rendered = render_triples(tokenizer, triples)
-        lengths["tokens"] = {
-            "prompt": _stats([len(r.prompt_ids) for r in rendered]),
-            "chosen": _stats([len(r.chosen_ids) for r in rendered]),
-            "rejected": _stats([len(r.rejected_ids) for r in rendered]),
-            "prompt+longer response": _stats([r.length("both") for r in rendered]),
-        }
-    turns = Counter(sum(m["role"] == "user" for m in t.prompt) for t in triples)
-    return {**report.summary(), "lengths": lengths, "user_turns": dict(sorted(turns.items())),
-            "with_system_message": sum(t.prompt[0]["role"] == "system" for t in triples),
-            "problems": [str(p) + f" [{p.action}]" for p in report.problems]}
+from saealign.data import LoadReport, inspect_triples, load_preferences
 
 
 def _print(info: dict[str, Any], max_problems: int, console: Console) -> None:
@@ -76,7 +42,7 @@ def inspect(
     split: str | None = typer.Option(None, help="HF dataset split (default: train)."),
     hf_config: str | None = typer.Option(None, help="HF dataset configuration name."),
     hf_data_dir: str | None = typer.Option(None, help="HF dataset data_dir, e.g. helpful-base for Anthropic/hh-rlhf."),
-    limit: int | None = typer.Option(None, min=1, help="Read at most this many usable pairs."),
+    n: int | None = typer.Option(None, min=1, help="Read the first n usable pairs only (default: all)."),
     model: str | None = typer.Option(None, help="Also report token lengths under this model's chat template "
                                                 "(alias, local dir or hub id)."),
     allow_empty: bool = typer.Option(True, help="Count empty responses as warnings rather than errors."),
@@ -87,7 +53,7 @@ def inspect(
     hf_kwargs = {k: v for k, v in (("name", hf_config), ("data_dir", hf_data_dir)) if v is not None}
     report = LoadReport()
     try:
-        triples = load_preferences(source, split=split, limit=limit, errors="drop", allow_empty=allow_empty,
+        triples = load_preferences(source, split=split, limit=n, errors="drop", allow_empty=allow_empty,
                                    hf_kwargs=hf_kwargs or None, report=report)
     except (OSError, ValueError) as err:
         raise typer.BadParameter(str(err), param_hint="SOURCE") from err

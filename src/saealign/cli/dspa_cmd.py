@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import typer
@@ -13,9 +12,10 @@ from rich.table import Table
 from saealign.cli import app, dspa_app
 from saealign.cli._config import config_command, config_flags
 from saealign.config import ConfigError
-from saealign.data import select_triples
+from saealign.dspa.baselines import RepEFitConfig, run_repe_fit
 from saealign.dspa.fitting import DSPAFitConfig, run_fit
 from saealign.dspa.tune import TuneConfig, run_tune
+from saealign.models import DEFAULT_MODEL
 from saealign.steering import SteeringOptions
 
 console = Console()
@@ -83,32 +83,10 @@ def info(map_dir: Path = typer.Argument(..., help="A DSPA map directory."),
     console.print(table)
 
 
-@dataclass
-class RepEFitConfig:
-    data: str = field(default="", metadata={"help": "Preference triples (as dspa fit)."})
-    output: str = field(default="", metadata={"help": "Directory for the steering vector."})
-    layer: int = field(default=24, metadata={"help": "Residual layer of the vector."})
-    coef: float = field(default=1.0, metadata={"help": "Recommended coefficient c (stored)."})
-    data_role: str | None = None
-    model: str = "smollm2-135m-instruct"
-    n: int | None = None
-    seed: int = 0
-    max_length: int = 1024
-    dtype: str | None = None
-    device: str | None = None
-
-
 @config_command(dspa_app, "repe", RepEFitConfig, required=("data", "output"))
 def repe(cfg: RepEFitConfig) -> None:
     """Fit the mean-difference (RepE/CAA) baseline vector from the same triples."""
-    from saealign.dspa import RepE
-    from saealign.models import load_model
-
-    triples = select_triples(cfg.data, cfg.data_role, cfg.n, cfg.seed)  # bad data: refused before the model loads
-    model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    vec = RepE.fit(model, tok, triples, cfg.layer, max_length=cfg.max_length)
-    vec.coef = cfg.coef
-    vec.save(cfg.output)
+    vec = run_repe_fit(cfg)
     console.print(f"RepE vector at layer {cfg.layer} (norm {vec.vector.norm():.2f}) -> {cfg.output}")
 
 
@@ -120,12 +98,14 @@ _METHOD_HELP = "base, prompt-prefix, dspa:MAP_DIR, static-sae:MAP_DIR, repe:DIR,
 def generate(prompt: list[str] = typer.Option(..., "--prompt", "-p", help="A user message (repeat for several)."),
              method: str = typer.Option("base", help=_METHOD_HELP),
              compare: bool = typer.Option(False, help="Also show the base model's answer side by side."),
-             model: str = typer.Option("smollm2-135m-instruct"),
-             max_new_tokens: int = 200, temperature: float = 0.0, seed: int = 0,
+             model: str = typer.Option(DEFAULT_MODEL, help="Model: a `saealign models` alias, a local directory or a hub id."),
+             max_new_tokens: int = typer.Option(200, min=1, help="Most tokens per answer."),
+             temperature: float = typer.Option(0.0, min=0, help="Sampling temperature (0: greedy)."),
+             seed: int = typer.Option(0, help="Sampling seed."),
              show_latents: bool = typer.Option(False, help="List the latents DSPA edited per answer."),
              *, steering: SteeringOptions) -> None:
     """Answer prompts with a method (optionally beside the base model)."""
-    from saealign.eval.generation import Sampling, generate_chat
+    from saealign.runtime.generation import Sampling, generate_chat
     from saealign.models import load_model
     from saealign.steering import load_method
 
@@ -157,7 +137,9 @@ def chat(method: str = typer.Option("base", help=_METHOD_HELP + " With --url: a 
                                                    "instead of loading a model; replies are streamed."),
          api_key_env: str | None = typer.Option(None, help="With --url: send `Bearer $VAR`."),
          compare: bool = typer.Option(False, help="Show the base model's reply beside the steered one."),
-         model: str = typer.Option("smollm2-135m-instruct"), max_new_tokens: int = 256, temperature: float = 0.0,
+         model: str = typer.Option(DEFAULT_MODEL, help="Model: a `saealign models` alias, a local directory or a hub id."),
+         max_new_tokens: int = typer.Option(256, min=1, help="Most tokens per reply."),
+         temperature: float = typer.Option(0.0, min=0, help="Sampling temperature (0: greedy)."),
          *, steering: SteeringOptions) -> None:
     """Interactive multi-turn chat (empty line or /exit to quit; /reset clears the history)."""
     options = steering.steering_options()
@@ -193,7 +175,7 @@ def _show(prefix: str, chunks) -> str:
 
 
 def _local_replies(model: str, method: str, options: dict, max_new_tokens: int, temperature: float):
-    from saealign.eval.generation import Sampling, generate_chat
+    from saealign.runtime.generation import Sampling, generate_chat
     from saealign.models import load_model
     from saealign.steering import load_method
 

@@ -31,13 +31,13 @@ def _show(result: ResultRecord | dict) -> None:
     console.print(extras)
 
 
-@config_command(eval_app, "mt-bench", MTBenchConfig, required=("data_dir", "out_dir"))
+@config_command(eval_app, "mt-bench", MTBenchConfig, required=("data", "output"))
 def mt_bench(cfg: MTBenchConfig) -> None:
     """MT-Bench: two-turn answers (FastChat files), single-answer grading by a judge, scores per turn/category."""
     _show(run_mt_bench(cfg))
 
 
-@config_command(eval_app, "alpaca-eval", AlpacaEvalConfig, required=("reference_outputs", "judge_template", "out_dir"))
+@config_command(eval_app, "alpaca-eval", AlpacaEvalConfig, required=("reference_outputs", "judge_template", "output"))
 def alpaca_eval(cfg: AlpacaEvalConfig) -> None:
     """AlpacaEval: outputs, pairwise judging in both orders, win rate and offline length-controlled win rate."""
     _show(run_alpaca_eval(cfg))
@@ -45,12 +45,12 @@ def alpaca_eval(cfg: AlpacaEvalConfig) -> None:
 
 @app.command("report")
 def report(runs: list[Path] = typer.Argument(..., help="result JSON files or run directories"),
-           out: Path = typer.Option(Path("report"), "--out", help="directory for report.md and the plots"),
+           output: Path = typer.Option(Path("report"), "--output", help="Directory for report.md and the plots."),
            baseline: str | None = typer.Option(None, "--baseline", help="method the deltas compare against "
                                                                           "(default: the first run's)")) -> None:
     """Turn result files into a markdown table (methods x benchmarks, 95% intervals) and PNG plots."""
     from saealign.eval.report import write_report
 
-    path = write_report(runs, out, baseline)
+    path = write_report(runs, output, baseline)
     console.print(path.read_text())
     console.print(f"written: {path}")

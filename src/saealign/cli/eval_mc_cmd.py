@@ -25,8 +25,8 @@ def mc(cfg: MCConfig) -> None:
         task, metric = name.split("/", 1)
         table.add_row(task, str(m.n), metric, percent(m), percent(record.deltas.get(name)))
     console.print(table)
-    if cfg.out_dir is not None:
-        console.print(f"written: {cfg.out_dir}/results.json")
+    if cfg.output is not None:
+        console.print(f"written: {cfg.output}/results.json")
 
 
 def percent(m: Estimate | None) -> str:

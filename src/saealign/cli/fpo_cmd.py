@@ -13,7 +13,7 @@ from saealign.fpo.trainer import TrainConfig, build_cache, train
 
 @config_command(fpo_app, "train", TrainConfig, required=("data",))
 def train_command(cfg: TrainConfig) -> None:
-    """Train with --loss fpo|dpo|simpo|tdpo1|tdpo2; the model is saved to --output-dir (loads with load_model)."""
+    """Train with --loss fpo|dpo|simpo|tdpo1|tdpo2; the model is saved to --output (loads with load_model)."""
     result = train(cfg)
     s = result.summary
     table = Table(title=f"{cfg.loss}: {s['steps']} steps on {s['n_pairs']} pairs -> {result.output_dir}")

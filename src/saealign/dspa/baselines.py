@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from saealign.config import ConfigError
 from saealign.dspa.map import DSPAMap
 from saealign.dspa.steer import LatentSteerer, SteerConfig, select_latents
 from saealign.hooks import CallContext, HookSession, PositionSpec, read_residuals
-from saealign.models import model_fingerprint, model_id, model_mismatch
+from saealign.models import ModelOptions, model_fingerprint, model_id, model_mismatch
 from saealign.sae.core import SAE, load_sae
 from saealign.steering import PAPER_DEFAULTS, RowSteering
 
@@ -194,6 +195,36 @@ class RepE:
 
         session.add(self.layer, add, positions=positions)
         return session
+
+
+@dataclass
+class RepEFitConfig(ModelOptions):
+    """`saealign dspa repe`: the triples, layer and output of a RepE vector fit."""
+
+    data: str = field(default="", metadata={"help": "Preference triples (as dspa fit)."})
+    output: str = field(default="", metadata={"help": "Directory for the steering vector."})
+    layer: int = field(default=24, metadata={"help": "Residual layer of the vector.", "ge": 0})
+    coef: float = field(default=1.0, metadata={"help": "Recommended coefficient c (stored)."})
+    data_role: str | None = field(default=None, metadata={
+        "help": "Data role when --data is an HH-RLHF directory (e.g. fit)."})
+    n: int | None = field(default=None, metadata={
+        "help": "Fit on a seeded nested uniform draw of this many triples (as dspa fit --n; default: all).", "ge": 1})
+    seed: int = field(default=0, metadata={"help": "Seed of the --n draw."})
+    max_length: int = field(default=1024, metadata={
+        "help": "Tokens per prompt plus response (prompt end and response start kept).", "ge": 2})
+
+
+def run_repe_fit(cfg: RepEFitConfig) -> RepE:
+    """`saealign dspa repe`: fit the RepE vector `cfg` describes and save it to `cfg.output`."""
+    from saealign.data import select_triples
+    from saealign.models import load_model
+
+    triples = select_triples(cfg.data, cfg.data_role, cfg.n, cfg.seed)  # bad data: refused before the model loads
+    model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    vec = RepE.fit(model, tok, triples, cfg.layer, max_length=cfg.max_length)
+    vec.coef = cfg.coef
+    vec.save(cfg.output)
+    return vec
 
 
 DEFAULT_PREFIX = ("You are a good, respectful and honest assistant. Give helpful, honest and harmless answers: "

@@ -34,6 +34,7 @@ import torch
 from saealign.config import check_config
 from saealign.dspa.map import DSPAMap, FitOptions, fit_batch
 from saealign.dspa.steer import SteerConfig
+from saealign.models import Dtype, model_option
 from saealign.steering import steering_field
 
 MIN_HELD_OUT = 20
@@ -145,19 +146,21 @@ def maps_by_n(path: str | Path) -> list[tuple[str, DSPAMap]]:
 
 @dataclass
 class MapSignalConfig:
+    """`saealign eval map-signal`: how well each map's scores separate chosen from rejected on held-out triples."""
+
     maps: list[str] = field(default_factory=list, metadata={"help": "Map directories (repeat); each one's snapshot_N maps are included, ordered by N."})
     data: str = field(default="", metadata={"help": "Held-out triples: a file or an HH-RLHF directory (with --data-role validation, never a fit role)."})
-    data_role: str | None = None
-    n: int | None = field(default=None, metadata={"help": "Seeded draw of N held-out triples.", "ge": 2})
-    seed: int = 0
+    data_role: str | None = field(default=None, metadata={"help": "Data role when --data is an HH-RLHF directory (validation)."})
+    n: int | None = field(default=None, metadata={"help": "Seeded nested uniform draw of this many held-out triples (default: all).", "ge": 2})
+    seed: int = field(default=0, metadata={"help": "Seed of the --n draw and of the bootstrap."})
     k_prompt: int | None = steering_field("k_prompt")
     k_diff: int | None = steering_field("k_diff")
     threshold: float | None = steering_field("threshold")
-    batch_size: int = field(default=8, metadata={"ge": 1})
-    n_boot: int = field(default=2000, metadata={"ge": 1})
-    output: str | None = field(default=None, metadata={"help": "Write the rows as JSON here."})
-    dtype: str | None = None
-    device: str | None = None
+    batch_size: int = field(default=8, metadata={"help": "Triples per forward pass.", "ge": 1})
+    n_boot: int = field(default=2000, metadata={"help": "Bootstrap resamples of the 95% intervals.", "ge": 1})
+    output: str | None = field(default=None, metadata={"help": "JSON file the rows are written to (default: none)."})
+    dtype: Dtype | None = model_option("dtype")
+    device: str | None = model_option("device")
 
     def __post_init__(self) -> None:
         check_config(self)

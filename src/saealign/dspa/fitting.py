@@ -13,19 +13,21 @@ import torch
 from saealign.config import check_config
 from saealign.data import in_draw_order, select_triples
 from saealign.dspa.map import DSPAMap, FitData, FitOptions, fit_map, merge_maps
+from saealign.models import ModelOptions
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class DSPAFitConfig:
+class DSPAFitConfig(ModelOptions):
+    """`saealign dspa fit`: the DSPA map of a model's SAE pair on preference triples."""
+
     data: str = field(default="", metadata={"help": "Preference triples: a file, a HF dataset name, or an HH-RLHF directory (with --data-role)."})
     output: str = field(default="", metadata={"help": "Directory for the map artifact."})
     data_role: str | None = field(default=None, metadata={"help": "Role when --data is an HH-RLHF directory (SPLITS.md): fit, validation, test_helpful, harmless_fit, harmless_validation, test_harmless (the test half of harmless-base), harmless_all (all of it: published pre-split numbers)."})
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "Model alias, local dir or hub id."})
     sae_in: str = field(default="default:in", metadata={"help": "Input SAE (early/middle layer)."})
     sae_out: str = field(default="default:out", metadata={"help": "Output SAE (late layer, where editing happens)."})
-    n: int | None = field(default=None, metadata={"help": "Use N triples drawn with --seed (nested draws).", "ge": 1})
+    n: int | None = field(default=None, metadata={"help": "Fit on a seeded nested uniform draw of this many triples (with one seed, a smaller n is a subset of a larger one; default: all).", "ge": 1})
     seed: int = field(default=0, metadata={"help": "Seed of the --n draw (and of the snapshot order)."})
     stat: Literal["density", "mean"] = field(default="density", metadata={"help": "Prompt statistic: density (paper) or mean."})
     threshold: float = field(default=0.0, metadata={"help": "Recommended tau stored with the map (|A_ij| < tau dropped when steering).", "ge": 0})
@@ -33,8 +35,6 @@ class DSPAFitConfig:
     max_length: int = field(default=1024, metadata={"help": "Tokens per [prompt; response] (prompt end and response start kept).", "ge": 2})
     checkpoint_every: int = field(default=256, metadata={"help": "Triples between resumable checkpoints.", "ge": 1})
     snapshots: list[int] = field(default_factory=list, metadata={"help": "Also save the map of the seeded n-draw to OUTPUT/snapshot_n (nested N-restrictions, one pass).", "ge": 1})
-    dtype: str | None = field(default=None, metadata={"help": "Model dtype (default: bf16 on CUDA, fp32 on CPU)."})
-    device: str | None = field(default=None, metadata={"help": "Model device (default: CUDA when present)."})
     overwrite: bool = field(default=False, metadata={"help": "Start afresh when OUTPUT holds a fit (or checkpoint) with other settings."})
 
     def __post_init__(self) -> None:

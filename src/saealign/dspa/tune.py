@@ -20,6 +20,7 @@ from typing import Any, Callable
 from saealign.config import ConfigError, check_config
 from saealign.dspa.map import (FitData, Recommended, SweepEntry, SweepRecord, read_metadata,
                                record_recommended)
+from saealign.models import Dtype, model_option
 from saealign.steering import LATENT_OPTIONS, PAPER_DEFAULTS, LatentSteering, Mode, SteeringOptions, load_method
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ TEST_ROLES = ("test_helpful", "test_harmless", "harmless_all")
 
 @dataclass
 class TuneConfig:
+    """`saealign dspa tune`: a grid of steering settings scored on held-out pairs; the best is recorded in the map."""
+
     map: str = field(default="", metadata={"help": "DSPA map directory (fitted on a fit role); the choice is recorded in it.",
                                            "argument": True})
     data: str = field(default="", metadata={"help": "Held-out triples: a file, a HF dataset name, or an HH-RLHF directory (with --data-role)."})
@@ -48,8 +51,8 @@ class TuneConfig:
     thresholds: list[float] = field(default_factory=lambda: [0.0, 3e-3], metadata={"help": "Grid of tau, DSPA only (repeat).", "ge": 0})
     coefs: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0], metadata={"help": "Grid of RepE's coefficient (repeat)."})
     model: str | None = field(default=None, metadata={"help": "Model (default: the one the map was fitted on)."})
-    dtype: str | None = field(default=None, metadata={"help": "Model dtype (default: bf16 on CUDA, fp32 on CPU)."})
-    device: str | None = field(default=None, metadata={"help": "Model device (default: CUDA when present)."})
+    dtype: Dtype | None = model_option("dtype")
+    device: str | None = model_option("device")
 
     def __post_init__(self) -> None:
         check_config(self)

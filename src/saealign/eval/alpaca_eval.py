@@ -32,7 +32,6 @@ win rate by refitting the GLM on each bootstrap resample of instructions.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -44,13 +43,15 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from saealign.eval import default_name, load_policy, require_file, select_subset, start_run
-from saealign.eval.generation import Conversation, Sampling, generate_chat
-from saealign.config import ConfigError, check_config
+from saealign._io import read_json, require_file, start_run
+from saealign.data import select_subset
+from saealign.runtime.generation import Conversation, Sampling, generate_chat
+from saealign.config import ConfigError
+from saealign.eval.judged import JudgedBenchmarkConfig
 from saealign.eval.judges import CHAT, LABEL_PROBS, REWARD, Judge, check_judge_config
 from saealign.results import ResultRecord, write_results
 from saealign.stats import Estimate, bootstrap_estimate, mean_estimate, standard_error, wins
-from saealign.steering import method_kind
+from saealign.steering import default_name, load_policy
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,7 @@ GENERATION_FIELDS = ("model", "intervention", "name", "temperature", "top_p", "m
 def load_outputs(path: str | Path) -> list[dict[str, Any]]:
     """An AlpacaEval outputs file: a JSON list of `{instruction, output, generator[, dataset]}`."""
     path = require_file(path, "AlpacaEval outputs")
-    try:
-        records = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+    records = read_json(path)
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of {{instruction, output, generator}}")
     for i, r in enumerate(records):
@@ -273,48 +271,29 @@ def length_controlled_win_rate(p_model: Sequence[float], len_model: Sequence[int
 
 
 @dataclass
-class AlpacaEvalConfig:
-    reference_outputs: Path | None = field(default=None, metadata={"help": "AlpacaEval outputs of the baseline "
-                                                                   "(its instructions are the evaluation set)"})
-    judge_template: Path | None = field(default=None, metadata={"help": "pairwise prompt, e.g. alpaca_eval_clf.txt"})
-    out_dir: Path | None = None
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "alias, local dir or hub id"})
-    intervention: str | None = field(default=None, metadata={
-        "help": "steering: an artifact directory or a method spec (prompt-prefix[:TEXT], dspa:DIR, ...)"})
-    name: str | None = field(default=None, metadata={"help": "generator name (default: model[+intervention])"})
-    seeds: list[int] = field(default_factory=lambda: [0])
-    limit: int | None = field(default=None, metadata={"help": "a seeded random subset of this many instructions", "ge": 1})
-    subset_seed: int = 0
-    temperature: float = field(default=0.7, metadata={"ge": 0})
-    top_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})
-    max_new_tokens: int = field(default=1024, metadata={"ge": 1})
-    batch_size: int = field(default=8, metadata={"ge": 1})
-    judge: str = field(default="hf:smollm2-135m-instruct", metadata={
-        "help": "openai:MODEL | hf:NAME_OR_PATH | rm:PATH | self (the evaluated weights, unsteered); "
-                "keep one judge across the methods you compare"})
+class AlpacaEvalConfig(JudgedBenchmarkConfig):
+    """`saealign eval alpaca-eval`: outputs judged pairwise against a baseline's, in both orders."""
+
+    reference_outputs: Path | None = field(default=None, metadata={
+        "help": "AlpacaEval model_outputs.json of the baseline (its instructions are the evaluation set)."})
+    judge_template: Path | None = field(default=None, metadata={
+        "help": "Pairwise judge prompt with {instruction}, {output_1}, {output_2}, e.g. alpaca_eval_clf.txt."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the outputs (0: greedy).",
+                                                      "ge": 0})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the tokens of this much probability.",
+                                                "gt": 0, "le": 1})
     judge_mode: Literal["auto", "label_probs", "chat", "reward"] = field(default="auto", metadata={
-        "help": "auto: label_probs, else reward, else chat (what the judge supports)"})
-    labels: list[str] = field(default_factory=lambda: ["m", "M"],
-                              metadata={"help": "identifiers of output_1, output_2 in the template"})
-    judge_base_url: str | None = None
-    judge_api_key_env: str = "OPENAI_API_KEY"
-    judge_concurrency: int = field(default=4, metadata={"ge": 1})
-    judge_max_retries: int = field(default=4, metadata={"ge": 0})
-    judge_timeout_s: float = field(default=300.0, metadata={"gt": 0})
-    judge_max_tokens: int = field(default=16, metadata={"help": "generation budget in chat mode", "ge": 1})
-    judge_batch_size: int = field(default=4, metadata={"ge": 1})
-    judge_cache: Path | None = field(default=None, metadata={"help": "default: OUT_DIR/judge_cache.sqlite"})
-    skip_judge: bool = False
-    device: str | None = None
-    dtype: str | None = None
-    progress: bool = True
+        "help": "label_probs: the probabilities of the two labels after the prompt; chat: the label the judge "
+                "writes; reward: a reward model scores each output; auto: label_probs, else reward, else chat "
+                "(what the judge supports)."})
+    labels: list[str] = field(default_factory=lambda: ["m", "M"], metadata={
+        "help": "Identifiers of output_1 and output_2 in the template's answer."})
+    judge_max_tokens: int = field(default=16, metadata={"help": "Most tokens of one judgment in chat mode.", "ge": 1})
 
     def __post_init__(self) -> None:
-        check_config(self)
+        super().__post_init__()
         if len(self.labels) != 2 or self.labels[0] == self.labels[1]:
             raise ConfigError("labels", f"must be two different identifiers, got {self.labels}")
-        if self.intervention:
-            method_kind(self.intervention)
         check_judge_config(self, None if self.judge_mode == "auto" else self.judge_mode)
 
 
@@ -328,16 +307,16 @@ def _outputs_for_seed(path: Path, instructions: list[str]) -> dict[str, str]:
 def run_alpaca_eval(cfg: AlpacaEvalConfig, model=None, tokenizer=None, intervention=None,
                     judge: Judge | None = None) -> ResultRecord | dict[str, Any]:
     """Generate per seed (resuming from existing output files), judge (resuming from the cache), score.
-    A rerun with other generation settings in the same `out_dir` is refused (`saealign.eval.start_run`).
+    A rerun with other generation settings in the same `output` is refused (`saealign.eval.start_run`).
     With `skip_judge`, returns only where the outputs are."""
     from saealign._io import write_json
     from saealign.eval.judges import judge_of
 
-    if cfg.reference_outputs is None or cfg.judge_template is None or cfg.out_dir is None:
-        raise ValueError("reference_outputs, judge_template and out_dir are required")
-    out = Path(cfg.out_dir)
+    if cfg.reference_outputs is None or cfg.judge_template is None or cfg.output is None:
+        raise ValueError("reference_outputs, judge_template and output are required")
+    out = Path(cfg.output)
     start_run(out, asdict(cfg), GENERATION_FIELDS)
-    references = select_subset(load_outputs(cfg.reference_outputs), cfg.limit, cfg.subset_seed)
+    references = select_subset(load_outputs(cfg.reference_outputs), cfg.n, cfg.subset_seed)
     template = load_template(cfg.judge_template)
     model, tokenizer, intervention = load_policy(cfg, model, tokenizer, intervention)
     name = default_name(cfg, model, intervention)
@@ -388,7 +367,7 @@ def run_alpaca_eval(cfg: AlpacaEvalConfig, model=None, tokenizer=None, intervent
                             **{key: value for key, value in verdict.items() if key != "p_model"}})
     write_json(out / "annotations.json", annotations)
     metrics, summary = _score(annotations, cfg.seeds)
-    data = {"reference_outputs": str(cfg.reference_outputs), "n": len(references), "limit": cfg.limit,
+    data = {"reference_outputs": str(cfg.reference_outputs), "n": len(references),
             "subset_seed": cfg.subset_seed, "seeds": cfg.seeds}
     record = ResultRecord("alpaca-eval", name, metrics, ["win_rate", "lc_win_rate"], asdict(cfg), data=data,
                           details={"judge": judge.name, "timings": timings, "alpaca_eval": summary,

@@ -20,16 +20,17 @@ OUT/deltas.png.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from saealign._io import safe_name, start_run
+from saealign.data import read_records
 from saealign.config import check_config
-from saealign.eval import safe_name, start_run
 from saealign.eval.attributes import Scorer, balance_weights, distinct_n, get_scorer
+from saealign.models import DEFAULT_MODEL, ModelOptions
 from saealign.steering import STEERING_OPTIONS, SteeringOptions, split_method_entry
 from saealign.results import ResultRecord, format_estimate, write_results
 from saealign.stats import Estimate, mean_estimate, paired_difference
@@ -39,7 +40,7 @@ GENERATION_FIELDS = ("model", "sources", "data", "n", "seed", "split_seed", "max
 
 
 @dataclass
-class AttributeEvalConfig(SteeringOptions):
+class AttributeEvalConfig(SteeringOptions, ModelOptions):
     """`eval attributes`: the steering knobs (each method gets those it takes) and what to generate and score."""
 
     output: str = field(default="", metadata={"help": "Directory for answers/, results.json, results.md, deltas.png."})
@@ -47,20 +48,18 @@ class AttributeEvalConfig(SteeringOptions):
     sources: list[str] = field(default_factory=list, metadata={"help": "Held-out prompt sources [KIND=]ROLE_OR_FILE (repeat), e.g. harmful=test_harmless, benign=test_helpful."})
     methods: list[str] = field(default_factory=lambda: ["base"], metadata={"help": "base, dspa:MAP, static-sae:MAP, repe:DIR, prompt-prefix[:TEXT], model:PATH (repeat); NAME=SPEC names it."})
     data: str | None = field(default=None, metadata={"help": "HH-RLHF directory when a source names a role."})
-    n: int | None = field(default=None, metadata={"help": "Seeded draw of N prompts per source.", "ge": 1})
-    seed: int = 0
-    split_seed: int = 0
+    n: int | None = field(default=None, metadata={"help": "Seeded uniform draw of this many prompts per source (default: all).", "ge": 1})
+    seed: int = field(default=0, metadata={"help": "Seed of the --n draw, of sampling (batch b samples with seed + b) and of the bootstrap."})
+    split_seed: int = field(default=0, metadata={"help": "Seed of the HH-RLHF fit/validation split (sources naming those roles)."})
     max_prompt_words: int | None = field(default=200, metadata={"help": "Drop longer prompts (before the draw).", "ge": 1})
     exclude: list[str] = field(default_factory=list, metadata={"help": "Drop prompts whose text occurs in these sources (repeat), e.g. the fit roles: held-out means unseen."})
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "The base model (steered methods steer it; perplexity is measured under it)."})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy.", "ge": 0})
-    top_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})
-    max_new_tokens: int = field(default=48, metadata={"ge": 1})
-    batch_size: int = field(default=16, metadata={"ge": 1})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "The base model (steered methods steer it; perplexity is measured under it)."})
+    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature (0: greedy).", "ge": 0})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the tokens of this much probability.", "gt": 0, "le": 1})
+    max_new_tokens: int = field(default=48, metadata={"help": "Most tokens per answer.", "ge": 1})
+    batch_size: int = field(default=16, metadata={"help": "Sequences per generate call.", "ge": 1})
     batch_prompts: int = field(default=64, metadata={"help": "Prompts between saves of the answers (and per sampling seed).", "ge": 1})
-    n_boot: int = field(default=2000, metadata={"ge": 1})
-    dtype: str | None = None
-    device: str | None = None
+    n_boot: int = field(default=2000, metadata={"help": "Bootstrap resamples of the 95% intervals.", "ge": 1})
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -94,7 +93,7 @@ def method_identity(spec: str) -> dict[str, str | None]:
 def _read_answers(path: Path, identity: dict[str, str | None]) -> dict[str, str]:
     if not path.exists():
         return {}
-    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records = [record for _, record in read_records(path)]
     stale = next((r["method"] for r in records if r["method"] != identity), None)
     if stale is not None:
         raise ValueError(f"{path}: answers of another method ({stale} there, {identity} now); "
@@ -109,7 +108,7 @@ def generate_answers(cfg: AttributeEvalConfig, prompts, name: str, spec: str, ba
     from tqdm.auto import tqdm
 
     from saealign.best_of_k import batch_seed
-    from saealign.eval.generation import Sampling, generate_chat
+    from saealign.runtime.generation import Sampling, generate_chat
     from saealign.eval.mt_bench import write_jsonl
 
     path, identity = _answers_path(out, name), method_identity(spec)
@@ -141,7 +140,7 @@ def generate_answers(cfg: AttributeEvalConfig, prompts, name: str, spec: str, ba
 def base_nll(model, tokenizer, prompts, answers: list[str]) -> tuple[float, int]:
     """Summed token NLL of the answers under the (base) model, and the token count."""
     from saealign.data import PreferenceTriple
-    from saealign.eval.pref import score_triples
+    from saealign.runtime.scoring import score_triples
 
     triples = [PreferenceTriple(p.conversation, a, "") for p, a in zip(prompts, answers)]
     scores = score_triples(model, tokenizer, triples, progress=False)

@@ -26,13 +26,15 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
 from saealign.config import ConfigError
-from saealign.eval.generation import Conversation, Sampling, generate, next_token_logprobs
+from saealign.models import DEFAULT_MODEL
+from saealign.runtime.generation import Conversation, Sampling, generate, next_token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +206,7 @@ class HFJudge(Judge):
         return [{label: math.exp(float(row[i])) for label, i in zip(labels, ids)} for row in logprobs]
 
     def _continuations(self, conversations, prefix, continuations):
-        from saealign.eval.mc import score_requests
+        from saealign.runtime.scoring import score_requests
 
         requests = [(self._render(c) + prefix, text) for c in conversations for text in continuations]
         scores = score_requests(self.model, self.tokenizer, requests, batch_size=self.batch_size * len(continuations),
@@ -381,6 +383,33 @@ def judge_capabilities(spec: str, base_url: str | None = None) -> frozenset[str]
     is refused before any answer is generated)."""
     classes = {"openai": OpenAIJudge, "hf": HFJudge, "rm": RewardModelJudge, "self": HFJudge}
     return classes[judge_kind(spec, base_url)].capabilities
+
+
+@dataclass
+class JudgeOptions:
+    """The judge of a judged benchmark (`eval mt-bench`, `eval alpaca-eval`), declared once; `judge_of` builds it."""
+
+    judge: str = field(default=f"hf:{DEFAULT_MODEL}", metadata={
+        "help": "openai:MODEL (an OpenAI-compatible endpoint) | hf:NAME_OR_PATH (a local causal LM) | rm:PATH "
+                "(a local reward model, pairwise only) | self (the evaluated weights, unsteered); "
+                "keep one judge across the methods you compare."})
+    judge_base_url: str | None = field(default=None, metadata={
+        "help": "Base URL of the openai: judge's endpoint, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1 "
+                "(required with an openai: judge)."})
+    judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "help": "Environment variable holding the openai: judge's API key (sent as a Bearer token; none when unset)."})
+    judge_concurrency: int = field(default=4, metadata={
+        "help": "Requests in flight at once to an openai: judge.", "ge": 1})
+    judge_max_retries: int = field(default=4, metadata={
+        "help": "Retries (exponential backoff) of an openai: judge request that failed transiently (timeout, 429, 5xx); after them that judgment is missing.", "ge": 0})
+    judge_timeout_s: float = field(default=300.0, metadata={
+        "help": "Seconds one request to an openai: judge may take.", "gt": 0})
+    judge_batch_size: int = field(default=4, metadata={
+        "help": "Judge prompts per forward pass of a local (hf:, self) judge.", "ge": 1})
+    judge_cache: Path | None = field(default=None, metadata={
+        "help": "SQLite file caching every judgment by (judge, prompt), so a rerun resumes "
+                "(default: OUTPUT/judge_cache.sqlite)."})
+    skip_judge: bool = field(default=False, metadata={"help": "Only generate the outputs; judge nothing."})
 
 
 def check_judge_config(cfg: Any, needs: str | None) -> None:

@@ -10,27 +10,14 @@ version is `acc_bytes`), MMLU's zero-shot "subject description + question + lett
 format, WinoGrande's partial scoring (one context per option, the same continuation after the blank) and
 TruthfulQA's 6-shot QA primer with MC2 = normalised probability mass on the true answers.
 
-Scoring runs in two forward calls per batch, the way generation does: a prefill of the context, then the
-continuation tokens on top of its KV cache. So `intervention.apply(model)` sees the answer tokens as
-*generated* positions and the context as the prompt, with no special position mask, and the score is the
-steered model's teacher-forced log-likelihood of the answer. With `steer_positions="generated"` (default)
-the first answer token is predicted by the unsteered last prompt position, exactly as in steered
-generation, so single-token answers (MMLU letters) do not move under generation-only steering;
-`"scored"` moves the last context token into the second call so that every scored position is steered.
-Without an intervention one prefill is shared by all choices of an item (the cache is expanded per
-choice); with one, each choice gets its own prefill row, because steering state is kept per prefill row.
+Scoring is `saealign.runtime.scoring.score_requests` (how an intervention meets the answer tokens is
+described there).
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import gzip
-import inspect
-import json
 import logging
-import math
-import random
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,23 +25,18 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from saealign.config import check_config
 from saealign._io import text_fingerprint
-from saealign.eval import default_name, load_policy, select_subset
-from saealign.eval.generation import left_pad, max_positions, model_device
-from saealign.models import cache_argument, returned_cache
+from saealign.data import read_records, select_subset, stratified_subset
+from saealign.runtime.scoring import SteerPositions, score_requests
 from saealign.results import ResultRecord, read_results, write_results
 from saealign.stats import Estimate, mean_estimate, paired_difference
-from saealign.steering import system_prompt_of
+from saealign.steering import PolicyOptions, default_name, load_policy, system_prompt_of
 
 log = logging.getLogger(__name__)
 
 LM_EVAL_REFERENCE = "0.4.13"  # the lm-eval release whose task definitions these prompts follow
 DEFAULT_TASKS = ("mmlu", "arc_easy", "hellaswag", "truthfulqa_mc2", "winogrande")
-SteerPositions = Literal["generated", "scored"]
 Subset = Literal["first", "stratified"]
 
 
@@ -262,20 +244,11 @@ def _read_local(path: Path) -> list[dict]:
         raise FileNotFoundError(f"multiple-choice data not found: {path}")
     if path.suffix == ".csv":
         return _read_mmlu_csv(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        if path.name.endswith((".jsonl", ".jsonl.gz")):
-            records = []
-            for line, text in enumerate(fh, start=1):
-                if text.strip():
-                    try:
-                        records.append(json.loads(text))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}: line {line}: invalid JSON: {err.msg}") from err
-            return records
-        records = json.load(fh)
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records")
+    records = []
+    for line, record in read_records(path, strict=False):
+        if isinstance(record, Exception):  # the reader's own problem, said in this module's words
+            raise ValueError(f"{path}: line {line}: invalid JSON: {record}")
+        records.append(record)
     return records
 
 
@@ -320,26 +293,6 @@ def load_docs(task: str, source: str | None = None, data_dir: str | Path | None 
     return docs
 
 
-def stratified_subset(items: Sequence[Any], limit: int, key: Callable[[Any], str], seed: int = 0) -> list[Any]:
-    """`limit` items drawn per stratum in proportion to its size (largest remainder), seeded, original order."""
-    if limit >= len(items):
-        return list(items)
-    if limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
-    strata: dict[str, list[int]] = {}
-    for index, item in enumerate(items):
-        strata.setdefault(key(item), []).append(index)
-    names = sorted(strata)
-    exact = {name: limit * len(strata[name]) / len(items) for name in names}
-    quota = {name: int(exact[name]) for name in names}
-    by_remainder = sorted(names, key=lambda n: (-(exact[n] - quota[n]), n))
-    for name in by_remainder[: limit - sum(quota.values())]:
-        quota[name] += 1
-    rng = random.Random(seed)
-    keep = [i for name in names for i in rng.sample(strata[name], quota[name])]
-    return [items[i] for i in sorted(keep)]
-
-
 def select_items(items: list[MCItem], limit: int | None, subset: Subset = "stratified", seed: int = 0) -> list[MCItem]:
     """`first`: lm-eval's `--limit` (the first N); `stratified`: a seeded sample, proportional per stratum
     (MMLU subject, HellaSwag activity) where the task has strata, uniform otherwise."""
@@ -370,168 +323,6 @@ def _join(prefix: str, text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Scoring engine
-# ---------------------------------------------------------------------------------------------------
-@dataclass
-class _Group:
-    """Requests that share one context token sequence."""
-
-    context: list[int]
-    rows: list[tuple[int, list[int]]] = field(default_factory=list)  # (request index, continuation ids)
-
-    @property
-    def length(self) -> int:
-        return len(self.context) + max(len(cont) for _, cont in self.rows)
-
-
-def encode_requests(tokenizer, requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """(context ids, continuation ids) per request, tokenised as lm-eval's HFLM does: trailing context
-    whitespace joins the continuation, and the continuation ids are the tail of encode(context + continuation)
-    after len(encode(context)), so word-boundary merges tokenise as in running text."""
-    prefix = tokenizer.bos_token or tokenizer.eos_token
-    cache: dict[str, list[int]] = {}
-
-    def encode(text: str) -> list[int]:
-        special = not (prefix and text.startswith(prefix))  # no second BOS when the text carries one
-        return tokenizer.encode(text, add_special_tokens=special)
-
-    out = []
-    for index, (context, continuation) in enumerate(requests):
-        if not context:
-            raise ValueError(f"request {index}: empty context (every multiple-choice prompt has one)")
-        n_space = len(context) - len(context.rstrip())
-        if n_space:
-            context, continuation = context[:-n_space], context[-n_space:] + continuation
-        if context not in cache:  # every choice of an item shares its context
-            cache[context] = encode(context)
-        context_ids = cache[context]
-        whole = encode(context + continuation)
-        continuation_ids = whole[len(context_ids):]
-        if not continuation_ids:
-            raise ValueError(f"request {index}: continuation {continuation!r} adds no tokens to its context")
-        out.append((context_ids, continuation_ids))
-    return out
-
-
-def _group(pairs: list[tuple[list[int], list[int]]], max_length: int, split_last: bool) -> list[_Group]:
-    groups: dict[tuple[int, ...], _Group] = {}
-    truncated = 0
-    for index, (context, continuation) in enumerate(pairs):
-        if len(continuation) > max_length:
-            raise ValueError(f"request {index}: continuation of {len(continuation)} tokens exceeds the model's "
-                             f"context length {max_length}")
-        keep = max_length + 1 - len(continuation)  # the input is context + continuation[:-1]
-        if len(context) > keep:
-            context, truncated = context[-keep:], truncated + 1
-        if split_last and len(context) < 2:
-            raise ValueError(f"request {index}: steer_positions='scored' needs a context of at least 2 tokens")
-        key = tuple(context)
-        groups.setdefault(key, _Group(context)).rows.append((index, continuation))
-    if truncated:
-        log.warning("%d requests exceed the context length %d: their contexts lose their oldest tokens",
-                    truncated, max_length)
-    return list(groups.values())
-
-
-def _batches(groups: list[_Group], batch_size: int) -> list[list[_Group]]:
-    """Longest first (out-of-memory shows at once and padding stays small); whole groups, about
-    `batch_size` continuation rows per batch."""
-    batches: list[list[_Group]] = []
-    rows = 0
-    for group in sorted(groups, key=lambda g: -g.length):
-        if batches and rows + len(group.rows) <= batch_size:
-            batches[-1].append(group)
-            rows += len(group.rows)
-        else:
-            batches.append([group])
-            rows = len(group.rows)
-    return batches
-
-
-def _steering(model, intervention):
-    """The one place where an intervention is switched on around the scoring forward passes."""
-    return intervention.apply(model) if intervention is not None else contextlib.nullcontext()
-
-
-def _takes_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
-@torch.no_grad()
-def _score_batch(model, groups: list[_Group], pad_id: int, split_last: bool, per_row_prefill: bool,
-                 keep_last: bool) -> list[tuple[int, float]]:
-    device = model_device(model)
-    rows = [(g, index, cont) for g, group in enumerate(groups) for index, cont in group.rows]
-    heads = [group.context[:-1] if split_last else group.context for group in groups]
-    # second-call inputs: the answer tokens that are fed back, as in generation (plus the last context token)
-    tails = [([groups[g].context[-1]] if split_last else []) + cont[:-1] for g, _, cont in rows]
-    second_call = any(tails)
-    per_row = per_row_prefill and second_call
-    prefill_of_row = list(range(len(rows))) if per_row else [g for g, _, _ in rows]
-    prefill = [heads[g] for g, _, _ in rows] if per_row else heads
-
-    ids, mask = left_pad(prefill, pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {"logits_to_keep": 1} if keep_last else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=second_call, **extra)
-    totals = [0.0] * len(rows)
-    if not split_last:
-        last = out.logits[:, -1].float().log_softmax(-1)
-        first = last[torch.tensor(prefill_of_row, device=device), torch.tensor([c[0] for _, _, c in rows], device=device)]
-        totals = first.tolist()
-    if second_call:
-        second_rows = list(range(len(rows))) if per_row else [r for r, tail in enumerate(tails) if tail]
-        index = torch.tensor([prefill_of_row[r] for r in second_rows], device=device)
-        cache = returned_cache(out)
-        if not per_row:
-            cache.reorder_cache(index)  # one copy of the shared context per continuation
-        width = max(1, max(len(tails[r]) for r in second_rows))
-        x = torch.full((len(second_rows), width), pad_id, dtype=torch.long)
-        x_mask = torch.zeros((len(second_rows), width), dtype=torch.long)
-        targets = torch.zeros((len(second_rows), width), dtype=torch.long)
-        for k, r in enumerate(second_rows):
-            tail, cont = tails[r], rows[r][2]
-            scored = cont if split_last else cont[1:]
-            x[k, : len(tail)] = torch.tensor(tail, dtype=torch.long)
-            x_mask[k, : len(tail)] = 1
-            targets[k, : len(scored)] = torch.tensor(scored, dtype=torch.long)
-        x, x_mask, targets = x.to(device), x_mask.to(device), targets.to(device)
-        start = mask.sum(-1)[index].unsqueeze(1)
-        logits = model(input_ids=x, attention_mask=torch.cat([mask[index], x_mask], dim=1),
-                       position_ids=start + torch.arange(width, device=device),
-                       use_cache=True, **cache_argument(model, cache)).logits.float()
-        token_lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-        sums = (token_lp * x_mask).sum(-1).tolist()
-        for k, r in enumerate(second_rows):
-            totals[r] += sums[k]
-    return [(index, total) for (_, index, _), total in zip(rows, totals, strict=True)]
-
-
-def score_requests(model, tokenizer, requests: Sequence[tuple[str, str]], *, batch_size: int = 32,
-                   intervention=None, steer_positions: SteerPositions = "generated", max_length: int | None = None,
-                   desc: str = "scoring") -> list[float]:
-    """Log-likelihood of each continuation given its context (summed over the continuation's tokens)."""
-    if steer_positions not in ("generated", "scored"):
-        raise ValueError(f"steer_positions must be 'generated' or 'scored', got {steer_positions!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    split_last = steer_positions == "scored"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    limit = max_length or max_positions(model) or 2048
-    groups = _group(encode_requests(tokenizer, requests), limit, split_last)
-    keep_last = _takes_logits_to_keep(model)
-    scores = [math.nan] * len(requests)
-    with tqdm(total=len(requests), desc=desc, unit="choice", leave=False) as bar:
-        for batch in _batches(groups, batch_size):
-            with _steering(model, intervention):
-                results = _score_batch(model, batch, pad_id, split_last, intervention is not None, keep_last)
-            for index, value in results:
-                scores[index] = value
-            bar.update(len(results))
-    return scores
-
-
-# ---------------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------------
 def item_metrics(task: str, item: MCItem, lls: Sequence[float]) -> dict[str, float]:
@@ -554,48 +345,39 @@ def item_metrics(task: str, item: MCItem, lls: Sequence[float]) -> dict[str, flo
 # Harness
 # ---------------------------------------------------------------------------------------------------
 @dataclass
-class MCConfig:
+class MCConfig(PolicyOptions):
     """`saealign eval mc`: multiple-choice accuracy by log-likelihood."""
 
-    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS),
-                             metadata={"help": f"tasks: {', '.join(TASKS)}"})
-    out_dir: Path | None = field(default=None, metadata={"help": "where results.json goes (none: return only)"})
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "alias, local dir or hub id"})
-    intervention: str | None = field(default=None, metadata={"help": "steering artifact path (saealign.steering)"})
-    name: str | None = field(default=None, metadata={"help": "method name in the result (default: model[+intervention])"})
-    data_dir: Path | None = field(default=None, metadata={
-        "help": "folder laid out like shared/data (mmlu/, arc/, ...); without it, the HF datasets lm-eval uses"})
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS), metadata={
+        "help": f"Tasks to evaluate (repeat the flag): {', '.join(TASKS)}."})
+    output: Path | None = field(default=None, metadata={
+        "help": "Directory for results.json (default: none, the result is only printed)."})
+    data: Path | None = field(default=None, metadata={
+        "help": "Folder laid out like shared/data (mmlu/, arc/, ...); without it, the HF datasets lm-eval uses."})
     sources: dict[str, str] = field(default_factory=dict, metadata={
-        "help": 'per-task data, JSON {"task": "path" or "hf:dataset[:config[:split]]"}; overrides --data-dir'})
-    limit: int | None = field(default=None, metadata={"help": "items per task (default: all)", "ge": 1})
+        "help": 'Per-task data, JSON {"task": "path" or "hf:dataset[:config[:split]]"}; overrides --data.'})
+    n: int | None = field(default=None, metadata={
+        "help": "Items evaluated per task, drawn as --subset says (default: all).", "ge": 1})
     subset: Subset = field(default="stratified", metadata={
-        "help": "with --limit: 'stratified' (seeded, proportional per MMLU subject / HellaSwag activity) or 'first'"})
-    subset_seed: int = 0
-    batch_size: int = field(default=32, metadata={"help": "continuations per forward pass", "ge": 1})
+        "help": "How --n items are drawn: stratified (seeded, proportional per MMLU subject / HellaSwag "
+                "activity) or first (the first n in file order)."})
+    subset_seed: int = field(default=0, metadata={"help": "Seed of the stratified draw of n items."})
+    batch_size: int = field(default=32, metadata={"help": "Continuations scored per forward pass.", "ge": 1})
     steer_positions: SteerPositions = field(default="generated", metadata={
-        "help": "'generated': answer tokens are steered as generated tokens (the first one is predicted by the "
-                "unsteered prompt); 'scored': the last context token is steered too"})
-    save_items: bool = field(default=True, metadata={"help": "store per-item log-likelihoods (for paired deltas)"})
+        "help": "generated: answer tokens are steered as generated tokens (the first one is predicted by the "
+                "unsteered prompt); scored: the last context token is steered too."})
+    save_items: bool = field(default=True, metadata={
+        "help": "Store per-item log-likelihoods in results.json (what --baseline needs for paired deltas)."})
     baseline: Path | None = field(default=None, metadata={
-        "help": "an earlier `eval mc` results.json (with items) to report paired differences against"})
-    device: str | None = None
-    dtype: str | None = None
+        "help": "An earlier `eval mc` results.json (with items) to report paired differences against."})
 
     def __post_init__(self) -> None:
-        check_config(self)
+        super().__post_init__()
         for task in self.tasks:
             get_task(task)
         unknown = set(self.sources) - set(TASKS)
         if unknown:
             raise ValueError(f"sources: unknown task(s) {sorted(unknown)}")
-        if self.subset not in ("first", "stratified"):
-            raise ValueError(f"subset must be 'first' or 'stratified', got {self.subset!r}")
-        if self.steer_positions not in ("generated", "scored"):
-            raise ValueError(f"steer_positions must be 'generated' or 'scored', got {self.steer_positions!r}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 def evaluate_task(model, tokenizer, task: str, docs: Sequence[dict], *, intervention=None, batch_size: int = 32,
@@ -636,15 +418,15 @@ def paired_deltas(items: dict[str, list[dict[str, Any]]], baseline: dict[str, li
 
 
 def run_mc(cfg: MCConfig, model=None, tokenizer=None, intervention=None) -> ResultRecord:
-    """Run every task of `cfg`; return the result record and write it to `cfg.out_dir/results.json` when set."""
+    """Run every task of `cfg`; return the result record and write it to `cfg.output/results.json` when set."""
     model, tokenizer, intervention = load_policy(cfg, model, tokenizer, intervention)
     tasks: dict[str, Any] = {}
     items: dict[str, Any] = {}
     metrics: dict[str, Estimate] = {}
     for task in cfg.tasks:
-        source = resolve_source(task, cfg.sources.get(task), cfg.data_dir)
-        all_docs = load_docs(task, cfg.sources.get(task), cfg.data_dir)
-        chosen = {item.id for item in select_items(build_items(task, all_docs), cfg.limit, cfg.subset, cfg.subset_seed)}
+        source = resolve_source(task, cfg.sources.get(task), cfg.data)
+        all_docs = load_docs(task, cfg.sources.get(task), cfg.data)
+        chosen = {item.id for item in select_items(build_items(task, all_docs), cfg.n, cfg.subset, cfg.subset_seed)}
         docs = [doc for doc in all_docs if doc["doc_id"] in chosen]
         log.info("%s: %d of %d items from %s", task, len(docs), len(all_docs), source)
         start = time.perf_counter()
@@ -672,6 +454,6 @@ def run_mc(cfg: MCConfig, model=None, tokenizer=None, intervention=None) -> Resu
             "subset": cfg.subset, "subset_seed": cfg.subset_seed}
     record = ResultRecord("mc", default_name(cfg, model), metrics, headline, asdict(cfg), data=data,
                           baseline=baseline, deltas=deltas, details=details)
-    if cfg.out_dir is not None:
-        write_results(Path(cfg.out_dir) / "results.json", [record])
+    if cfg.output is not None:
+        write_results(Path(cfg.output) / "results.json", [record])
     return record

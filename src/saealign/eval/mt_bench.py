@@ -28,13 +28,14 @@ from typing import Any, Literal, Sequence
 
 from tqdm.auto import tqdm
 
-from saealign.eval import default_name, load_policy, require_file, safe_name, select_subset, start_run
-from saealign.eval.generation import Sampling, generate_chat
-from saealign.config import check_config
+from saealign._io import require_file, safe_name, start_run
+from saealign.data import read_records, select_subset
+from saealign.runtime.generation import Sampling, generate_chat
+from saealign.eval.judged import JudgedBenchmarkConfig
 from saealign.eval.judges import CHAT, CONTINUATIONS, Judge, check_judge_config
 from saealign.results import ResultRecord, write_results
 from saealign.stats import Estimate, mean_estimate
-from saealign.steering import method_kind
+from saealign.steering import default_name, load_policy
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,7 @@ def parse_rating(judgment: str | None) -> float | None:
 
 def _read_jsonl(path: Path, required: Sequence[str]) -> list[dict[str, Any]]:
     records = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: invalid JSON: {err.msg}") from err
+    for lineno, record in read_records(path):
         missing = [k for k in required if k not in record]
         if missing:
             raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
@@ -298,81 +293,58 @@ def summarize(judgments: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 @dataclass
-class MTBenchConfig:
-    data_dir: Path | None = field(default=None, metadata={
+class MTBenchConfig(JudgedBenchmarkConfig):
+    """`saealign eval mt-bench`: FastChat's two-turn questions, single-answer grading by a judge."""
+
+    data: Path | None = field(default=None, metadata={
         "help": "FastChat mt_bench folder: question.jsonl, reference_answer/gpt-4.jsonl, "
-                "judge_prompts.jsonl (here or one level up)"})
-    out_dir: Path | None = field(default=None, metadata={"help": "where answers, judgments, cache and results go"})
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "alias, local dir or hub id"})
-    intervention: str | None = field(default=None, metadata={
-        "help": "steering: an artifact directory or a method spec (prompt-prefix[:TEXT], dspa:DIR, ...)"})
-    name: str | None = field(default=None,
-                             metadata={"help": "model_id in the answer file (default: model[+intervention])"})
-    seeds: list[int] = field(default_factory=lambda: [0],
-                             metadata={"help": "generation seeds (one answer choice each)"})
-    categories: list[str] = field(default_factory=list, metadata={"help": "restrict to these categories"})
-    limit: int | None = field(default=None, metadata={"help": "a seeded random subset of this many questions", "ge": 1})
-    subset_seed: int = 0
-    temperature: float | None = field(default=None, metadata={"help": "override FastChat's per-category temperatures",
-                                                              "ge": 0})
-    max_new_tokens: int = field(default=1024, metadata={"ge": 1})
-    batch_size: int = field(default=8, metadata={"ge": 1})
-    judge: str = field(default="hf:smollm2-135m-instruct", metadata={
-        "help": "openai:MODEL | hf:NAME_OR_PATH | self (the evaluated weights, unsteered); "
-                "keep one judge across the methods you compare"})
-    judge_base_url: str | None = field(default=None,
-                                       metadata={"help": "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"})
-    judge_api_key_env: str = "OPENAI_API_KEY"
-    judge_concurrency: int = field(default=4, metadata={"ge": 1})
-    judge_max_retries: int = field(default=4, metadata={"ge": 0})
-    judge_timeout_s: float = field(default=300.0, metadata={"gt": 0})
-    judge_max_tokens: int = field(default=2048, metadata={"help": "FastChat uses 2048; local CPU judges want less",
-                                                          "ge": 1})
+                "judge_prompts.jsonl (here or one level up)."})
+    categories: list[str] = field(default_factory=list, metadata={
+        "help": "Evaluate only these question categories (repeat the flag; default: all)."})
+    temperature: float | None = field(default=None, metadata={
+        "help": "Sampling temperature of every answer (default: FastChat's per-category temperatures; 0: greedy).",
+        "ge": 0})
+    judge_max_tokens: int = field(default=2048, metadata={
+        "help": "Most tokens of one judgment in generate mode (FastChat uses 2048; local CPU judges want less).",
+        "ge": 1})
     judge_mode: Literal["generate", "likelihood"] = field(default="generate", metadata={
         "help": "generate: FastChat's judgment text, parsed for [[rating]]; likelihood: the most likely of the "
-                "ratings 1..10 after 'Rating: [[' (local judges; never missing)"})
-    judge_batch_size: int = field(default=4, metadata={"ge": 1})
-    judge_prompts: Path | None = field(default=None,
-                                       metadata={"help": "default: DATA_DIR/judge_prompts.jsonl or DATA_DIR/../"})
-    reference_answers: Path | None = field(default=None,
-                                           metadata={"help": "default: DATA_DIR/reference_answer/gpt-4.jsonl"})
-    judge_cache: Path | None = field(default=None, metadata={"help": "default: OUT_DIR/judge_cache.sqlite"})
-    skip_judge: bool = field(default=False, metadata={"help": "only generate the answers"})
-    device: str | None = None
-    dtype: str | None = None
-    progress: bool = True
+                "ratings 1..10 after 'Rating: [[' (local judges; never missing)."})
+    judge_prompts: Path | None = field(default=None, metadata={
+        "help": "FastChat judge_prompts.jsonl (default: DATA/judge_prompts.jsonl, else DATA/../judge_prompts.jsonl)."})
+    reference_answers: Path | None = field(default=None, metadata={
+        "help": "Reference answers for the math, reasoning and coding questions "
+                "(default: DATA/reference_answer/gpt-4.jsonl)."})
 
     def __post_init__(self) -> None:
-        check_config(self)
-        if self.intervention:
-            method_kind(self.intervention)
+        super().__post_init__()
         check_judge_config(self, CONTINUATIONS if self.judge_mode == "likelihood" else CHAT)
 
     def paths(self) -> dict[str, Path]:
-        if self.data_dir is None or self.out_dir is None:
-            raise ValueError("data_dir and out_dir are required")
-        data = Path(self.data_dir)
+        if self.data is None or self.output is None:
+            raise ValueError("data and output are required")
+        data = Path(self.data)
         prompts = self.judge_prompts
         if prompts is None:
             candidates = (data / "judge_prompts.jsonl", data.parent / "judge_prompts.jsonl")  # ours, FastChat's
             prompts = next((p for p in candidates if p.exists()), candidates[0])
         return {"questions": data / "question.jsonl", "judge_prompts": Path(prompts),
                 "reference_answers": Path(self.reference_answers or data / "reference_answer" / "gpt-4.jsonl"),
-                "judge_cache": Path(self.judge_cache or Path(self.out_dir) / "judge_cache.sqlite")}
+                "judge_cache": Path(self.judge_cache or Path(self.output) / "judge_cache.sqlite")}
 
 
 def run_mt_bench(cfg: MTBenchConfig, model=None, tokenizer=None, intervention=None,
                  judge: Judge | None = None) -> ResultRecord | dict[str, Any]:
     """Generate (resuming from an existing answer file), judge (resuming from the cache), summarise.
-    Writes `config.json`, the FastChat files and `results.json` under `cfg.out_dir`; a rerun with other
-    generation settings in the same `out_dir` is refused (see `saealign.eval.start_run`). With
+    Writes `config.json`, the FastChat files and `results.json` under `cfg.output`; a rerun with other
+    generation settings in the same `output` is refused (see `saealign.eval.start_run`). With
     `skip_judge`, returns only where the answers are."""
     from saealign.eval.judges import judge_of
 
     paths = cfg.paths()
-    out = Path(cfg.out_dir)
+    out = Path(cfg.output)
     start_run(out, asdict(cfg), GENERATION_FIELDS)
-    questions = load_questions(paths["questions"], cfg.categories, cfg.limit, cfg.subset_seed)
+    questions = load_questions(paths["questions"], cfg.categories, cfg.n, cfg.subset_seed)
     model, tokenizer, intervention = load_policy(cfg, model, tokenizer, intervention)
     name = default_name(cfg, model, intervention)
     answer_path = out / "model_answer" / f"{safe_name(name)}.jsonl"
@@ -412,7 +384,7 @@ def run_mt_bench(cfg: MTBenchConfig, model=None, tokenizer=None, intervention=No
     write_jsonl(judgment_path, judgments)
     summary = summarize(judgments)
     data = {"questions": str(paths["questions"]), "n": len(questions), "categories": cfg.categories,
-            "limit": cfg.limit, "subset_seed": cfg.subset_seed, "seeds": cfg.seeds}
+            "subset_seed": cfg.subset_seed, "seeds": cfg.seeds}
     record = ResultRecord("mt-bench", name, summary.pop("metrics"), ["score", "turn1", "turn2"], asdict(cfg), data=data,
                           details={"judge": judge.name, "answers": str(answer_path), "judgments": str(judgment_path),
                                    "timings": timings, **summary})

@@ -8,137 +8,29 @@ For every method (the base model = no intervention, DSPA, baselines, trained mod
   (`saealign.stats`); the tie rate is reported beside it.
 `fpo eval` reports the same metrics (`preference_metrics`) with its reference model as the base.
 Intervals are `saealign.stats` bootstraps over triples; a steered method also carries its paired
-difference to the base model on the preference accuracies. Base log-probs never change, so they are
-cached on disk keyed by model, data and rendering.
-
-Scoring is teacher-forced: the response tokens are the positions a steering method edits (as in
-generation, the first response token is predicted from the unedited last prompt position).
+difference to the base model on the preference accuracies. The scores are teacher-forced response
+log-probs (`saealign.runtime.scoring.score_triples`, base scores cached on disk).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from saealign._io import cache_dir, save_tensors
-from saealign.data import collate_pairs, render_triples, triples_fingerprint
-from saealign.models import model_id, takes_logit_mask
-from saealign.results import ResultRecord, format_estimate
+from saealign.config import ConfigError, check_config
+from saealign.data import sample, select_triples, triples_fingerprint
+from saealign.eval.pref_cache import ScoringCache
+from saealign.models import ModelOptions
+from saealign.results import ResultRecord, format_estimate, write_results
+from saealign.runtime.scoring import SequenceScores, base_scores_cached, score_triples
 from saealign.stats import N_BOOT, Estimate, mean_estimate, paired_difference, wins
-from saealign.steering import Intervention, apply_intervention, system_prompt_of
+from saealign.steering import (Intervention, SteeringOptions, load_method, method_kind, method_options,
+                               split_method_entry)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SequenceScores:
-    """Per triple: summed response log-probs and response lengths, chosen and rejected."""
-
-    logp_chosen: np.ndarray
-    logp_rejected: np.ndarray
-    len_chosen: np.ndarray
-    len_rejected: np.ndarray
-
-
-def score_batches(rendered, tokenizer, max_tokens: int = 6144):
-    """Length-sorted batches under a padded-token budget: yields (which, triple indices, collated batch)."""
-    jobs = sorted(((w, i) for w in ("chosen", "rejected") for i in range(len(rendered))),
-                  key=lambda j: rendered[j[1]].length(j[0]))
-    start = 0
-    while start < len(jobs):
-        end = start + 1
-        while end < len(jobs) and (end - start + 1) * rendered[jobs[end][1]].length(jobs[end][0]) <= max_tokens:
-            end += 1
-        for which in ("chosen", "rejected"):
-            idx = [i for w, i in jobs[start:end] if w == which]
-            if idx:
-                yield which, idx, collate_pairs([rendered[i] for i in idx], tokenizer, which, "right")
-        start = end
-
-
-def response_logp(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
-                  inputs_embeds: torch.Tensor | None = None, logit_mask: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: summed log p of the response tokens and their count. With `logit_mask`
-    (`models.takes_logit_mask(model)`, found before any hooks are attached), the vocabulary head runs
-    only at the positions that predict a response token (for a small model the head and its softmax
-    cost more than the layers when computed everywhere)."""
-    predicting = torch.zeros_like(response_mask)
-    predicting[:, :-1] = response_mask[:, 1:]
-    kwargs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-    if logit_mask:
-        logits = model(**kwargs, attention_mask=attention_mask, use_cache=False, logits_to_keep=predicting).logits
-    else:
-        logits = model(**kwargs, attention_mask=attention_mask, use_cache=False).logits[predicting]
-    targets = input_ids[:, 1:][response_mask[:, 1:]]
-    logits = logits.float()
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    rows = predicting.nonzero()[:, 0]
-    total = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=logp.device).index_add_(0, rows, logp.double())
-    return total.cpu(), response_mask[:, 1:].sum(1).cpu()
-
-
-@torch.no_grad()
-def score_triples(model, tokenizer, triples, intervention: Intervention | None = None, max_length: int = 1024,
-                  max_tokens: int = 6144, progress: bool = True, desc: str = "score") -> SequenceScores:
-    """Summed log p(response | prompt) for chosen and rejected, with `intervention` applied on
-    response positions."""
-    rendered = render_triples(tokenizer, triples, system_prompt=system_prompt_of(intervention), max_length=max_length,
-                              progress=False)
-    return score_rendered(model, tokenizer, rendered, max_tokens, desc, progress,
-                          lambda which, idx, ids, attn, resp: apply_intervention(intervention, model, positions=resp))
-
-
-def score_rendered(model, tokenizer, rendered, max_tokens: int, desc: str, progress: bool,
-                   around: Callable[..., ContextManager[Any]]) -> SequenceScores:
-    """The batch loop of every scorer: `around(which, idx, input_ids, attention_mask, response_mask)` is
-    entered around each batch's forward pass (an intervention's hooks, or a cache's recording hooks)."""
-    dev = next(model.parameters()).device
-    logp = {w: np.zeros(len(rendered)) for w in ("chosen", "rejected")}
-    lens = {w: np.zeros(len(rendered), dtype=np.int64) for w in ("chosen", "rejected")}
-    logit_mask = takes_logit_mask(model)
-    with tqdm(total=2 * len(rendered), desc=desc, unit="seq", disable=not progress) as bar:
-        for which, idx, b in score_batches(rendered, tokenizer, max_tokens):
-            ids, attn, resp = (b[k].to(dev) for k in ("input_ids", "attention_mask", "response_mask"))
-            with around(which, idx, ids, attn, resp):
-                lp, n = response_logp(model, ids, attn, resp, logit_mask=logit_mask)
-            logp[which][idx], lens[which][idx] = lp.numpy(), n.numpy()
-            bar.update(len(idx))
-    return SequenceScores(logp["chosen"], logp["rejected"], lens["chosen"], lens["rejected"])
-
-
-def _base_cache_path(model, tokenizer, triples, max_length: int) -> Path:
-    key = hashlib.sha256(json.dumps([model_id(model), str(next(model.parameters()).dtype), triples_fingerprint(triples),
-                                     max_length, tokenizer.chat_template or ""]).encode()).hexdigest()[:20]
-    return cache_dir() / "base_logprobs" / f"{key}.safetensors"
-
-
-def store_base_scores(model, tokenizer, triples, max_length: int, scores: SequenceScores) -> None:
-    """Keep base scores on disk for `base_scores_cached` (they never change)."""
-    path = _base_cache_path(model, tokenizer, triples, max_length)
-    if not path.exists():
-        save_tensors(path, {k: torch.from_numpy(np.asarray(v)) for k, v in scores.__dict__.items()})
-
-
-def base_scores_cached(model, tokenizer, triples, max_length: int = 1024, progress: bool = True) -> SequenceScores:
-    """Base-model scores, cached on disk (they never change for a given model, data and rendering)."""
-    path = _base_cache_path(model, tokenizer, triples, max_length)
-    if path.exists():
-        from safetensors.torch import load_file
-
-        t = load_file(str(path))
-        return SequenceScores(*(t[k].numpy() for k in ("logp_chosen", "logp_rejected", "len_chosen", "len_rejected")))
-    scores = score_triples(model, tokenizer, triples, None, max_length, progress=progress, desc="score base")
-    store_base_scores(model, tokenizer, triples, max_length, scores)
-    return scores
 
 
 TIE_ATOL = 1e-9  # summed log-probs that differ by less tie (the cached and the full pass round differently)
@@ -177,8 +69,6 @@ def evaluate_preferences(model, tokenizer, triples, methods: dict[str, Intervent
     With `reuse_base_pass`, methods that edit only late layers are scored from one cached base pass
     (`eval.pref_cache.ScoringCache`, built here or passed in as `cache`); the others (a system
     prompt, early edits) by a full pass each."""
-    from saealign.eval.pref_cache import ScoringCache
-
     steered = [m for m in methods.values() if m is not None]
     if cache is None and reuse_base_pass:
         cache = ScoringCache.for_methods(model, tokenizer, triples, steered, max_length, progress=progress)
@@ -235,7 +125,49 @@ def markdown_table(records: list[ResultRecord], title: str = "", legend: bool = 
     return "\n".join(lines) + "\n" + ("\n" + PREF_LEGEND if legend else "")
 
 
-def sample_pairs(triples: Sequence, n: int | None, seed: int) -> list:
-    from saealign.data import sample
+@dataclass
+class PrefEvalConfig(SteeringOptions, ModelOptions):
+    """`eval pref`: the steering knobs (each method gets those it takes) and what to score."""
 
-    return list(triples) if n is None or n >= len(triples) else sample(triples, n, seed)
+    data: str = field(default="", metadata={"help": "Held-out triples: a file, HF name, or HH-RLHF directory (with --data-role)."})
+    data_role: str | None = field(default=None, metadata={"help": "Role when --data is an HH-RLHF directory (SPLITS.md): validation, test_helpful, harmless_validation, test_harmless (the test half of harmless-base), harmless_all (all of it: published pre-split numbers), or a fit role."})
+    methods: list[str] = field(default_factory=lambda: ["base"], metadata={"help": "Methods: base, prompt-prefix, dspa:MAP, static-sae:MAP, repe:DIR|MAP (repeat); NAME=SPEC names a column."})
+    n: int | None = field(default=None, metadata={"help": "Score a seeded draw of this many triples, stratified by subset (default: all).", "ge": 1})
+    seed: int = field(default=0, metadata={"help": "Seed of the --n draw and of the bootstrap."})
+    max_length: int = field(default=1024, metadata={"help": "Tokens per prompt plus response (prompt end and response start kept).", "ge": 1})
+    n_boot: int = field(default=2000, metadata={"help": "Bootstrap resamples of the 95% intervals.", "ge": 1})
+    output: str | None = field(default=None, metadata={"help": "Write results.json and results.md into this directory."})
+
+    def __post_init__(self) -> None:
+        check_config(self)
+        kinds = [method_kind(split_method_entry(entry)[1]) for entry in self.methods]
+        for option in self.steering_options():
+            if not any(option in method_options(kind) for kind in kinds):
+                raise ConfigError(option, f"is given, but none of the methods takes it ({', '.join(self.methods)})")
+
+
+def run_pref_eval(cfg: PrefEvalConfig, model=None, tokenizer=None) -> list[ResultRecord]:
+    """`saealign eval pref`: the methods `cfg` names scored on its (sampled) triples; written to
+    `cfg.output` when set."""
+    from saealign.models import load_model
+
+    available = select_triples(cfg.data, cfg.data_role)
+    if cfg.n is not None and cfg.n > len(available):
+        raise ConfigError("n", f"asks for {cfg.n} triples, but {cfg.data_role or cfg.data} has only {len(available)}")
+    triples = sample(available, cfg.n, cfg.seed)
+    if model is None:
+        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    methods = {}
+    for entry in cfg.methods:
+        name, spec = split_method_entry(entry)
+        takes = method_options(method_kind(spec))
+        methods[name or spec] = load_method(spec, model=model, **{k: v for k, v in cfg.steering_options().items() if k in takes})
+    result = evaluate_preferences(model, tokenizer, triples, methods, cfg.max_length, cfg.n_boot, cfg.seed)
+    provenance = {"source": cfg.data, "role": cfg.data_role, "split_seed": 0, "sample_seed": cfg.seed}
+    result = [replace(r, benchmark=f"pref:{cfg.data_role or 'triples'}", config=cfg.__dict__,
+                      data={**r.data, **provenance}) for r in result]
+    if cfg.output:
+        out = Path(cfg.output)
+        write_results(out / "results.json", result)
+        (out / "results.md").write_text(markdown_table(result, f"{cfg.data_role or cfg.data}", legend=True))
+    return result

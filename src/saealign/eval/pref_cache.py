@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saealign.data import render_triples, triples_fingerprint
-from saealign.eval.pref import SequenceScores, response_logp, score_rendered, store_base_scores
+from saealign.runtime.scoring import SequenceScores, response_logp, score_rendered, store_base_scores
 from saealign.hooks import HookSession, resume_from_layer
 from saealign.models import takes_logit_mask
 from saealign.steering import Intervention, apply_intervention, system_prompt_of

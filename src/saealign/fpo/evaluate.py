@@ -28,7 +28,7 @@ from saealign.data import RenderedTriple
 from saealign.fpo import losses as L
 from saealign.fpo.batching import collate, pairs_fingerprint
 from saealign.fpo.objective import run_model
-from saealign.models import DEFAULT_MODEL
+from saealign.models import DEFAULT_MODEL, model_option
 from saealign.results import ResultRecord
 from saealign.stats import N_BOOT, Estimate, mean_estimate
 
@@ -37,7 +37,8 @@ def compare_to_reference(policy: torch.nn.Module, reference: torch.nn.Module, to
                          pairs: Sequence[RenderedTriple], sae: Any = None, topk: int = 50, batch_size: int = 2,
                          show_progress: bool = True, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Estimate]:
     """Metrics of `policy` against `reference` on `pairs` (see module docstring)."""
-    from saealign.eval.pref import SequenceScores, preference_metrics
+    from saealign.eval.pref import preference_metrics
+    from saealign.runtime.scoring import SequenceScores
 
     device = next(policy.parameters()).device
     cols: dict[str, list[torch.Tensor]] = {name: [] for name in (
@@ -89,20 +90,21 @@ class CompareConfig:
     reference: str = field(default=DEFAULT_MODEL, metadata={"help": "the reference (initial) model"})
     data: str | None = field(default=None, metadata={"help": "held-out preference data, or the shared data root with --data-role"})
     data_role: str | None = field(default=None, metadata={"help": "HH-RLHF role of SPLITS.md, e.g. test_helpful or validation"})
-    data_split_seed: int = 0
-    max_pairs: int | None = field(default=None, metadata={
+    split_seed: int = field(default=0, metadata={"help": "seed of the HH-RLHF fit/validation split"})
+    n: int | None = field(default=None, metadata={
         "help": "a seeded draw of this many pairs, stratified by subset: the same draw as `eval pref --n`", "ge": 1})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seed of the --n draw and of the bootstrap"})
     sae: str | None = field(default="default:out", metadata={"help": "SAE for the feature MSE ('' for none)"})
     fpo_topk: int = field(default=50, metadata={"help": "latents kept per token in the feature MSE", "ge": 1})
     max_length: int = field(default=512, metadata={"help": "tokens per prompt + response", "ge": 2})
     max_prompt_length: int = field(default=256, metadata={"help": "tokens kept of the prompt", "ge": 1})
-    system_prompt: str | None = None
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "system turn put before every prompt when pairs are rendered (as in training; default: none)"})
     batch_size: int = field(default=2, metadata={"help": "pairs per forward pass", "ge": 1})
     n_boot: int = field(default=N_BOOT, metadata={"help": "bootstrap resamples of each interval", "ge": 1})
-    device: str | None = None
-    output: str | None = field(default=None, metadata={"help": "write the result file here"})
-    show_progress: bool = True
+    device: str | None = model_option("device")
+    output: str | None = field(default=None, metadata={"help": "JSON file the result record is written to"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -110,15 +112,15 @@ class CompareConfig:
 
 def run_comparison(cfg: CompareConfig) -> ResultRecord:
     """Load both models, the pairs and the SAE per `cfg`; return (and optionally write) the result record."""
-    from saealign.data import render_triples, select_triples
-    from saealign.eval.pref import PREF_HEADLINE, sample_pairs
+    from saealign.data import render_triples, sample, select_triples
+    from saealign.eval.pref import PREF_HEADLINE
     from saealign.models import load_model, model_id
     from saealign.results import write_results
 
     if cfg.model is None:
         raise ValueError("pass --model (the trained model)")
-    triples = sample_pairs(select_triples(cfg.data, cfg.data_role, split_seed=cfg.data_split_seed), cfg.max_pairs,
-                           cfg.seed)  # bad data: refused before the models load
+    available = select_triples(cfg.data, cfg.data_role, split_seed=cfg.split_seed)  # refused before the models load
+    triples = sample(available, None if cfg.n is None else min(cfg.n, len(available)), cfg.seed)
     policy, tokenizer = load_model(cfg.model, device=cfg.device, dtype="float32")
     reference, _ = load_model(cfg.reference, device=cfg.device, dtype="float32")
     pairs = render_triples(tokenizer, triples, cfg.system_prompt, cfg.max_length, cfg.max_prompt_length)
@@ -128,10 +130,10 @@ def run_comparison(cfg: CompareConfig) -> ResultRecord:
 
         sae = load_sae(cfg.sae, device=next(policy.parameters()).device)
     metrics = compare_to_reference(policy, reference, tokenizer, pairs, sae, cfg.fpo_topk, cfg.batch_size,
-                                   cfg.show_progress, cfg.n_boot, cfg.seed)
+                                   cfg.progress, cfg.n_boot, cfg.seed)
     headline = [*PREF_HEADLINE, "entropy", "kl_to_reference"] + (["feature_mse"] if sae is not None else [])
     record = ResultRecord("fpo-reference-comparison", model_id(policy), metrics, headline, asdict(cfg),
-                          data={"source": cfg.data, "role": cfg.data_role, "split_seed": cfg.data_split_seed,
+                          data={"source": cfg.data, "role": cfg.data_role, "split_seed": cfg.split_seed,
                                 "sample_seed": cfg.seed, "n": len(pairs), "fingerprint": pairs_fingerprint(pairs)},
                           details={"reference": cfg.reference, "sae": sae.describe() if sae is not None else None})
     if cfg.output:

@@ -55,7 +55,8 @@ Loss = Literal[L.LOSSES]
 
 @dataclass
 class TrainConfig:
-    """Preference training; field names follow TRL's `DPOConfig` where they overlap."""
+    """Preference training; field names follow TRL's `DPOConfig` where they overlap, except the names of
+    `saealign.config.GLOSSARY` (output, n, split_seed, progress), which every command shares."""
 
     loss: Loss = field(default="fpo", metadata=_help("preference loss"))
     model: str = field(default=DEFAULT_MODEL, metadata=_help("model alias, local directory or hub id"))
@@ -63,10 +64,10 @@ class TrainConfig:
         "preference data: a file or HF dataset saealign.data reads, or the shared data root with --data-role"))
     data_role: str | None = field(default=None, metadata=_help(
         "with --data DIR: an HH-RLHF role of SPLITS.md (fit | validation | test_helpful | test_harmless)"))
-    data_split_seed: int = field(default=0, metadata=_help("seed of the HH-RLHF fit/validation split"))
+    split_seed: int = field(default=0, metadata=_help("seed of the HH-RLHF fit/validation split"))
     sae: str | None = field(default=None, metadata=_help("SAE for FPO (path or spec); default: the shipped late-layer SAE"))
-    output_dir: str = field(default="runs/fpo", metadata=_help("where the model, checkpoints and metrics.jsonl go"))
-    max_pairs: int | None = field(default=None, metadata=_help("train on a seeded draw of this many pairs (saealign.data.restrict)", ge=1))
+    output: str = field(default="runs/fpo", metadata=_help("where the model, checkpoints and metrics.jsonl go"))
+    n: int | None = field(default=None, metadata=_help("train on a seeded nested uniform draw of this many pairs (saealign.data.restrict; default: all)", ge=1))
     beta: float | None = field(default=None, metadata=_help("default per loss: 0.1 (fpo, dpo, tdpo), 2.0 (simpo)", gt=0))
     simpo_gamma: float = field(default=0.5, metadata=_help("SimPO target margin"))
     fpo_alpha: float = field(default=0.5, metadata=_help("FPO weight of the feature-MSE term", ge=0))
@@ -87,19 +88,20 @@ class TrainConfig:
     max_steps: int = field(default=-1, metadata=_help("> 0 overrides num_train_epochs"))
     max_length: int = field(default=512, metadata=_help("cap on prompt + response tokens", ge=1))
     max_prompt_length: int = field(default=256, metadata=_help("prompt tokens kept (from the end) when a pair is too long", ge=1))
-    system_prompt: str | None = None
-    seed: int = 42
+    system_prompt: str | None = field(default=None, metadata=_help("system turn put before every prompt when pairs are rendered (default: none)"))
+    seed: int = field(default=42, metadata=_help("seed of the --n draw, the data order and all torch randomness (accelerate's set_seed)"))
     logging_steps: int = field(default=1, metadata=_help("log every K optimizer steps", ge=1))
     save_steps: int = field(default=0, metadata=_help("checkpoint every K optimizer steps (0: none)", ge=0))
-    resume_from_checkpoint: str | None = field(default=None, metadata=_help("a checkpoint directory, or 'latest' in output_dir"))
+    resume_from_checkpoint: str | None = field(default=None, metadata=_help("a checkpoint directory, or 'latest' in --output"))
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata=_help("auto | no | bf16 | fp16; auto = bf16 on CUDA when supported"))
     use_peft: bool = field(default=False, metadata=_help("train a LoRA adapter (merged into the saved model)"))
     lora_r: int = field(default=16, metadata=_help("LoRA rank", ge=1))
     lora_alpha: int = field(default=32, metadata=_help("LoRA scaling numerator", ge=1))
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                           metadata=_help("module names LoRA adapts (repeat the flag)"))
     ref_batch_size: int = field(default=4, metadata=_help("batch size of the reference-cache pass", ge=1))
     device: str | None = field(default=None, metadata=_help("cpu forces CPU; default: what accelerate picks"))
-    show_progress: bool = True
+    progress: bool = field(default=True, metadata=_help("show progress bars"))
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -120,7 +122,7 @@ class TrainConfig:
 
 
 # Fields that may change between a run and its resumption (they do not change the trajectory).
-_RESUMABLE_CHANGES = {"output_dir", "resume_from_checkpoint", "save_steps", "logging_steps", "show_progress", "device",
+_RESUMABLE_CHANGES = {"output", "resume_from_checkpoint", "save_steps", "logging_steps", "progress", "device",
                       "ref_cache", "ref_batch_size", "per_device_train_batch_size"}
 
 
@@ -181,7 +183,7 @@ def _reference_cache(cfg: TrainConfig, setup: _Setup) -> ReferenceCache:
         return load_or_build(setup.model, setup.tokenizer, setup.pairs, setup.sae, cfg.ref_cache,
                              dtype=f"{setup.model.dtype}-{setup.mixed_precision}".replace("torch.", ""),
                              batch_size=cfg.ref_batch_size, device=acc.device, autocast=acc.autocast,
-                             show_progress=cfg.show_progress and acc.is_main_process)
+                             show_progress=cfg.progress and acc.is_main_process)
 
 
 def build_cache(cfg: TrainConfig, model: Any = None, tokenizer: Any = None, pairs: Sequence[RenderedTriple] | None = None,
@@ -196,7 +198,7 @@ def train(cfg: TrainConfig, model: Any = None, tokenizer: Any = None, pairs: Seq
     setup = _setup(cfg, model, tokenizer, pairs, sae)
     accelerator, model, tokenizer, pairs, sae = setup.accelerator, setup.model, setup.tokenizer, setup.pairs, setup.sae
     objective = cfg.objective()
-    out_dir = Path(cfg.output_dir)
+    out_dir = Path(cfg.output)
     is_main = accelerator.is_main_process
     _disable_dropout(model)
 
@@ -249,7 +251,7 @@ def train(cfg: TrainConfig, model: Any = None, tokenizer: Any = None, pairs: Seq
     history: list[dict[str, Any]] = []
     pending: list[dict[str, float]] = []
     step_times: list[float] = []
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"{cfg.loss} training", disable=not (cfg.show_progress and is_main))
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"{cfg.loss} training", disable=not (cfg.progress and is_main))
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         per_pair: dict[str, list[torch.Tensor]] = {}
@@ -327,20 +329,20 @@ def train(cfg: TrainConfig, model: Any = None, tokenizer: Any = None, pairs: Seq
 # helpers
 
 
-def load_triples(data: str | None, role: str | None, split_seed: int, max_pairs: int | None,
+def load_triples(data: str | None, role: str | None, split_seed: int, n: int | None,
                  seed: int) -> list[Any]:
     """Preference triples from a file/HF dataset, or an HH-RLHF role of the shared data; optionally a seeded draw."""
     from saealign.data import select_triples
 
     if data is None:
         raise ValueError("no preference data: pass --data")
-    return select_triples(data, role, max_pairs, seed=seed, split_seed=split_seed)
+    return select_triples(data, role, n, seed=seed, split_seed=split_seed)
 
 
 def _load_pairs(cfg: TrainConfig, tokenizer: Any) -> list[RenderedTriple]:
     from saealign.data import render_triples
 
-    triples = load_triples(cfg.data, cfg.data_role, cfg.data_split_seed, cfg.max_pairs, cfg.seed)
+    triples = load_triples(cfg.data, cfg.data_role, cfg.split_seed, cfg.n, cfg.seed)
     return render_triples(tokenizer, triples, cfg.system_prompt, cfg.max_length, cfg.max_prompt_length)
 
 

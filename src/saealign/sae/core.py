@@ -7,7 +7,6 @@ Formats: SAELens (`cfg.json` + `sae_weights.safetensors`, v5 and v6 configs), Ge
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
@@ -30,16 +29,23 @@ SAELENS_CFG = "cfg.json"
 
 @dataclass
 class SAEConfig:
-    d_in: int
-    d_sae: int
-    architecture: Architecture = "topk"
-    hook_name: str = "blocks.0.hook_resid_post"
-    k: int | None = None  # TopK only
-    apply_b_dec_to_input: bool = True
-    dtype: str = "float32"  # storage dtype; computation runs in the dtype of the input
-    model_name: str | None = None
-    # training config, metrics, provenance; `model_fingerprint` (models.model_fingerprint) when known
-    metadata: dict[str, Any] = field(default_factory=dict)
+    """An SAE's shape and where it reads, saved as SAELens' `cfg.json`."""
+
+    d_in: int = field(metadata={"help": "Width of the residual stream it reads (the model's hidden size)."})
+    d_sae: int = field(metadata={"help": "Number of latents."})
+    architecture: Architecture = field(default="topk", metadata={
+        "help": "Activation: topk (the k largest pre-activations), jumprelu (a learned threshold per latent) "
+                "or standard (ReLU)."})
+    hook_name: str = field(default="blocks.0.hook_resid_post", metadata={
+        "help": "SAELens hook it reads: blocks.L.hook_resid_post is the output of decoder block L."})
+    k: int | None = field(default=None, metadata={"help": "TopK only: latents active per token."})
+    apply_b_dec_to_input: bool = field(default=True, metadata={
+        "help": "Subtract the decoder bias from the input before encoding (SAELens' convention)."})
+    dtype: str = field(default="float32", metadata={
+        "help": "Dtype the weights are stored in; computation runs in the dtype of the input."})
+    model_name: str | None = field(default=None, metadata={"help": "Model id the SAE was trained on."})
+    metadata: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Training config, metrics and provenance; `model_fingerprint` (models.model_fingerprint) when known."})
 
     def __post_init__(self) -> None:
         if self.architecture not in ("standard", "jumprelu", "topk"):
@@ -305,10 +311,3 @@ def default_sae(role: str, device=None) -> SAE:
     if not path.exists():
         raise FileNotFoundError(f"shipped SAE {path} is missing; reinstall saealign or train one with `saealign sae train`")
     return load_sae(path, device=device)
-
-
-def replace_config(sae: SAE, **changes: Any) -> SAE:
-    """A copy of `sae` with config fields changed (weights shared)."""
-    new = SAE(dataclasses.replace(sae.cfg, **changes))
-    new.load_state_dict(sae.state_dict())
-    return new

@@ -15,8 +15,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from saealign.activations import DEFAULT_SINK_FACTOR, keep_mask, length_batches, tokenize_texts
+from saealign.activations import DEFAULT_SINK_FACTOR, keep_mask, padded_batches, tokenize_texts
+from saealign.config import check_config
 from saealign.hooks import CallContext, attach
+from saealign.models import Dtype, ModelOptions, pad_token_id
+from saealign.results import ResultRecord, write_results
 from saealign.sae.core import SAE
 from saealign.stats import Estimate
 
@@ -99,7 +102,7 @@ def evaluate_sae(sae: SAE, model, tokenizer, texts: Sequence[str], max_length: i
         return fn
 
     bar = tqdm(total=sum(len(s) for s in sequences), unit="tok", desc=f"eval SAE layer {layer}", disable=not progress)
-    for _, ids, mask in length_batches(sequences, batch_tokens, tokenizer.pad_token_id or 0):
+    for _, ids, mask in padded_batches(sequences, batch_tokens, pad_token_id(tokenizer)):
         ids, mask = ids.to(device), mask.to(device)
         losses = {}
         for mode in ("clean", "spliced", "zero") if zero_ablation else ("clean", "spliced"):
@@ -128,3 +131,47 @@ def evaluate_sae(sae: SAE, model, tokenizer, texts: Sequence[str], max_length: i
                          loss_clean=totals["clean"] / preds, loss_spliced=totals["spliced"] / preds,
                          loss_zero_ablated=totals["zero"] / preds if zero_ablation else None, tokens=n, texts=len(sequences),
                          excluded_tokens=totals["seen"] - n)
+
+
+@dataclass
+class SAEEvalConfig(ModelOptions):
+    """`saealign sae eval`: which SAE, on which held-out texts."""
+
+    sae: str = field(default="default:out", metadata={"help": "SAE directory, params.npz, default:in/default:out, or release:sae_id."})
+    corpus: str = field(default="", metadata={"help": "Held-out text corpus (same forms as sae train --corpus)."})
+    corpus_role: str | None = field(default=None, metadata={"help": "Data role when --corpus is an HH-RLHF directory (e.g. validation)."})
+    n: int | None = field(default=None, metadata={"help": "Evaluate on a seeded uniform draw of this many texts (default: all).", "ge": 1})
+    zero_ablation: bool = field(default=False, metadata={"help": "Also report the loss with the layer zeroed."})
+    max_length: int = field(default=512, metadata={"help": "Tokens per text (longer texts are cut).", "ge": 1})
+    dtype: Dtype | None = field(default="float32", metadata={
+        "help": "Dtype the model is loaded in (default float32 on every device, so metrics are comparable)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the --n draw."})
+    output: str | None = field(default=None, metadata={"help": "JSON file the result record is written to (default: none)."})
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+
+SAE_HEADLINE = ["fvu", "l0", "dead_fraction", "loss_increase"]
+
+
+def run_sae_eval(cfg: SAEEvalConfig) -> ResultRecord:
+    """`saealign sae eval`: evaluate an SAE on a seeded sample of a corpus; the record is written to `cfg.output`."""
+    from saealign.corpus import load_texts, sample_texts
+    from saealign.models import load_model, load_tokenizer
+    from saealign.sae import load_sae
+
+    tok = load_tokenizer(cfg.model)
+    texts = sample_texts(load_texts(cfg.corpus, tok, role=cfg.corpus_role), cfg.n, cfg.seed)
+    sae = load_sae(cfg.sae)
+    model, _ = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)  # after the corpus and SAE passed their checks
+    sae.check_model(model)
+    result = evaluate_sae(sae, model, tok, texts, max_length=cfg.max_length, zero_ablation=cfg.zero_ablation)
+    record = ResultRecord("sae-eval", f"sae {cfg.sae}", result.estimates(), SAE_HEADLINE, cfg.__dict__,
+                          data={"source": cfg.corpus, "role": cfg.corpus_role, "sample_seed": cfg.seed,
+                                "texts": result.texts, "tokens": result.tokens,
+                                "excluded_tokens": result.excluded_tokens},
+                          details={"sae": sae.describe(), "layer": sae.layer})
+    if cfg.output:
+        write_results(cfg.output, [record])
+    return record

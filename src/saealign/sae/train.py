@@ -30,26 +30,27 @@ from saealign.config import ConfigError, check_config
 from saealign.corpus import load_texts, sample_texts
 from saealign.activations import DEFAULT_SINK_FACTOR, ActivationCache, tokenize_texts
 from saealign.hooks import hidden_size, hook_name
+from saealign.models import ModelOptions
 from saealign.sae.core import SAE, SAEConfig, load_sae
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SAETrainConfig:
+class SAETrainConfig(ModelOptions):
+    """`saealign sae train`: TopK SAEs on a model's residual stream, one per layer, from one extraction."""
+
     layers: list[int] = field(default_factory=list, metadata={"help": "Residual layers (block outputs) to train an SAE for.", "ge": 0})
     corpus: str = field(default="", metadata={"help": "Text corpus: .jsonl/.json/.txt/.parquet (also .gz), a preference file, or a HF dataset name."})
     output: str = field(default="", metadata={"help": "Output directory; one SAELens-format folder per layer."})
     corpus_role: str | None = field(default=None, metadata={"help": "Data role when --corpus is an HH-RLHF directory (e.g. fit)."})
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "Model alias, local dir or hub id."})
     d_sae: int = field(default=2048, metadata={"help": "Number of latents.", "ge": 1})
     k: int = field(default=64, metadata={"help": "Active latents per token (TopK), at most --d-sae.", "ge": 1})
     lr: float | None = field(default=None, metadata={"help": "Adam learning rate (default: 2e-4 * sqrt(16384 / d_sae)).", "gt": 0})
     batch_size: int = field(default=4096, metadata={"help": "Tokens per step.", "ge": 1})
     epochs: float = field(default=4.0, metadata={"help": "Passes over the extracted activations.", "gt": 0})
     max_length: int = field(default=512, metadata={"help": "Tokens per text (truncated).", "ge": 1})
-    extract_dtype: str | None = field(default=None, metadata={"help": "Model dtype for extraction (default: bf16 on CUDA, fp32 on CPU, where bf16 is emulated and slower)."})
-    max_texts: int | None = field(default=None, metadata={"help": "Use a seeded sample of at most this many texts.", "ge": 1})
+    n: int | None = field(default=None, metadata={"help": "Train on a seeded uniform draw of this many texts (default: all).", "ge": 1})
     batch_tokens: int = field(default=8192, metadata={"help": "Padded tokens per extraction batch.", "ge": 1})
     sink_factor: float = field(default=DEFAULT_SINK_FACTOR, metadata={"help": "Exclude tokens with norm > factor x median.", "gt": 0})
     auxk_coef: float = field(default=1 / 32, metadata={"help": "Weight of the AuxK dead-latent loss.", "ge": 0})
@@ -59,8 +60,7 @@ class SAETrainConfig:
     checkpoint_every: int = field(default=200, metadata={"help": "Steps between checkpoints.", "ge": 1})
     init_from: str | None = field(default=None, metadata={"help": "Fine-tune this SAE (path or default:in/out) instead of a fresh one."})
     storage_dtype: Literal["float16", "bfloat16", "float32"] = field(default="float16", metadata={"help": "dtype of the saved weights."})
-    seed: int = 0
-    device: str | None = None
+    seed: int = field(default=0, metadata={"help": "Seed of the --n draw, the SAE initialisation and the shuffle."})
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -247,8 +247,8 @@ def train_saes(cfg: SAETrainConfig) -> dict[int, Path]:
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
-    texts = sample_texts(load_texts(cfg.corpus, tokenizer, role=cfg.corpus_role), cfg.max_texts, cfg.seed)
-    model, _ = load_model(cfg.model, device=device, dtype=cfg.extract_dtype)  # after the corpus passed its checks
+    texts = sample_texts(load_texts(cfg.corpus, tokenizer, role=cfg.corpus_role), cfg.n, cfg.seed)
+    model, _ = load_model(cfg.model, device=device, dtype=cfg.dtype)  # after the corpus passed its checks
     fingerprint = model_fingerprint(model)
     cache = ActivationCache(out / "activations", cfg.layers, hidden_size(model))
     if not cache.meta["complete"]:

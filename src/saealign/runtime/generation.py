@@ -27,7 +27,10 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache
 from transformers.generation.logits_process import TopPLogitsWarper
 
+from saealign.data import with_system_prompt
 from saealign.hooks import CallContext, attach
+from saealign.models import pad_token_id
+from saealign.runtime.inputs import left_pad, max_positions, model_device
 from saealign.steering import Intervention, RowEdit, RowSteering, apply_intervention, system_prompt_of
 
 log = logging.getLogger(__name__)
@@ -71,16 +74,6 @@ class Generation:
     logprobs: list[TokenLogprob] | None = None
 
 
-def with_system_prompt(conversation: Conversation, system_prompt: str | None) -> Conversation:
-    """Prepend `system_prompt`; when the conversation already has a system turn, put it in front of that text."""
-    if not system_prompt:
-        return list(conversation)
-    if conversation and conversation[0].get("role") == "system":
-        merged = {"role": "system", "content": f"{system_prompt}\n\n{conversation[0]['content']}"}
-        return [merged, *conversation[1:]]
-    return [{"role": "system", "content": system_prompt}, *conversation]
-
-
 def render_chat(tokenizer, conversation: Conversation, system_prompt: str | None = None) -> str:
     """The prompt text for the next assistant turn (chat template with the generation prompt)."""
     if not conversation or conversation[-1].get("role") != "user":
@@ -99,15 +92,6 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def max_positions(model) -> int | None:
-    cfg = getattr(model.config, "text_config", None) or model.config
-    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-
-
 def encode_prompts(tokenizer, prompts: Sequence[str], budget: int | None) -> list[list[int]]:
     """Token ids of rendered prompts (the template already holds the special tokens); over-long prompts
     lose their oldest tokens so that `budget` tokens fit, with a warning."""
@@ -123,25 +107,6 @@ def encode_prompts(tokenizer, prompts: Sequence[str], budget: int | None) -> lis
             ids = ids[-budget:]
         out.append(ids)
     return out
-
-
-def left_pad(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        if ids:
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            mask[row, width - len(ids):] = 1
-    return input_ids.to(device), mask.to(device)
-
-
-def _pad_id(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token")
-    return tokenizer.eos_token_id
 
 
 def _generation_config(model, sampling: Sampling, pad_id: int, eos_ids: list[int], want_logits: bool):
@@ -173,7 +138,7 @@ def generate(model, tokenizer, prompts: Sequence[str], sampling: Sampling = Samp
     if not prompts:
         return []
     device = model_device(model)
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     eos_ids = eos_token_ids(model, tokenizer)
     limit = max_positions(model)
     encoded = encode_prompts(tokenizer, prompts, None if limit is None else limit - sampling.max_new_tokens)
@@ -231,7 +196,7 @@ def next_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: in
     """log p(next token | prompt) for rendered prompts, [n, vocab] on CPU. Position ids follow the
     attention mask, so a left-padded row scores exactly as it would alone."""
     device = model_device(model)
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     limit = max_positions(model)
     encoded = encode_prompts(tokenizer, prompts, None if limit is None else limit)
     rows = []
@@ -319,7 +284,7 @@ class BatchEngine:
         self.max_prefill_tokens = max_prefill_tokens  # prompt tokens admitted per step (at least one row), so long
         # prompts arriving together do not stall the running rows in one huge prefill
         self.device = model_device(model)
-        self.pad_id = _pad_id(tokenizer)
+        self.pad_id = pad_token_id(tokenizer)
         self.eos_ids = set(eos_token_ids(model, tokenizer))
         self.context_length = max_positions(model)
         self._cache_kw = cache_keyword(model)

@@ -106,13 +106,6 @@ def run_job(args: argparse.Namespace, job: str, variant: str | None = None, lr: 
     return json.loads(result.read_text())
 
 
-def fmt(m: dict | None, digits: int = 3) -> str:
-    if m is None:
-        return "-"
-    ci = m.get("ci95")
-    return f"{m['value']:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
-
-
 def chosen_lr(val: dict[float, dict]) -> float:
     """The rate with the best validation preference accuracy; ties go to the smaller rate."""
     return max(sorted(val), key=lambda lr: (val[lr]["metrics"]["pref_acc_norm"]["value"], -lr))
@@ -132,9 +125,10 @@ def table(report: dict) -> str:
     for v, r in report["runs"].items():
         t, m = r["train"], r["test"]["metrics"]
         val = r["val"][str(r["lr"])]["metrics"]["pref_acc_norm"]
+        mse = format_estimate(Estimate.from_json(m["feature_mse"]), 5) if m.get("feature_mse") else "-"
         lines.append(f"| {v} | {r['lr']:g} | {100 * val['value']:.1f} | {pct(m['pref_acc_norm'])} | "
                      f"{pct(m['reward_acc'])} | {m['entropy']['value']:.3f} | "
-                     f"{fmt(m.get('feature_mse'), 5) if m.get('feature_mse') else '-'} | "
+                     f"{mse} | "
                      f"{m['kl_to_reference']['value']:.5f} | {t['mean_step_time_s']:.3f} | {t['peak_memory_mb']:.0f} |")
     base = report.get("reference_test")
     if base:

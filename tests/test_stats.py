@@ -76,3 +76,12 @@ def test_estimate_json_round_trip():
     e = Estimate(0.6, (0.5, 0.7), 0.05, 100)
     assert Estimate.from_json(e.to_json()) == e and e.to_json()["ci95"] == [0.5, 0.7]
     assert Estimate.from_json(Estimate(3.0).to_json()) == Estimate(3.0)
+
+
+def test_ratio_estimate_is_a_ratio_of_sums_over_resampled_units():
+    from saealign.stats import ratio_estimate
+
+    est = ratio_estimate([1.0, 0.0, 3.0, 2.0], [2.0, 2.0, 4.0, 2.0], n_boot=500, seed=0)
+    assert est.value == pytest.approx(6.0 / 10.0)  # not the mean of the per-unit ratios (0.5625)
+    assert est.ci95[0] < est.value < est.ci95[1] and est.n == 4
+    assert ratio_estimate([0.0, 0.0], [0.0, 0.0]).value is None

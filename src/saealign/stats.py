@@ -102,6 +102,21 @@ def mean_estimate(values: Sequence[float] | np.ndarray, n_boot: int = N_BOOT, se
     return Estimate(float(arr.mean()), _percentile_interval(replicates), se, n)
 
 
+def ratio_estimate(numerators: Sequence[float] | np.ndarray, denominators: Sequence[float] | np.ndarray,
+                   n_boot: int = N_BOOT, seed: int = 0) -> Estimate:
+    """sum(numerators) / sum(denominators) over units (e.g. one category's share of the edit mass over
+    prompts) with the bootstrap interval of resampled units; replicates with a zero denominator are left out."""
+    num, den = np.asarray(numerators, dtype=np.float64), np.asarray(denominators, dtype=np.float64)
+    total = den.sum()
+    value = float(num.sum() / total) if total > 0 else None
+    if num.size < 2 or value is None:
+        return Estimate(value, n=int(num.size))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        replicates = _resampled_means(num, den, n_boot, seed)
+    replicates = replicates[np.isfinite(replicates)]
+    return Estimate(value, _percentile_interval(replicates), float(replicates.std(ddof=1)), int(num.size))
+
+
 def paired_difference(values: Sequence[float] | np.ndarray, baseline: Sequence[float] | np.ndarray,
                       n_boot: int = N_BOOT, seed: int = 0) -> Estimate:
     """Mean of per-unit differences `values - baseline` (same units, same order) with its bootstrap interval."""

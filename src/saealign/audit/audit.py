@@ -27,6 +27,7 @@ AUDIT_CATEGORIES = CATEGORIES + ("undescribed",)
 from saealign.dspa.steer import DSPA
 from saealign.models import DEFAULT_MODEL
 from saealign.runtime.generation import Sampling, generate, render_chat
+from saealign.stats import ratio_estimate
 from saealign.steering import system_prompt_of
 
 
@@ -64,15 +65,11 @@ def category_shares(records: Sequence[dict], categories: dict[int, str], n_boot:
     for row, record in enumerate(records):
         for latent, edit in record["edits"].items():
             mass[row, AUDIT_CATEGORIES.index(categories.get(int(latent), "undescribed"))] += edit["mass"]
-    total = mass.sum()
-    rng = np.random.default_rng(seed)
-    draws = mass[rng.integers(0, len(records), size=(n_boot, len(records)))].sum(1)  # (n_boot, categories)
-    draws = draws[draws.sum(1) > 0]
-    shares = draws / draws.sum(1, keepdims=True)
     out = {}
     for c, name in enumerate(AUDIT_CATEGORIES):
-        lo, hi = np.quantile(shares[:, c], [0.025, 0.975]) if len(shares) else (np.nan, np.nan)
-        out[name] = {"share": float(mass[:, c].sum() / total) if total > 0 else 0.0, "low": float(lo), "high": float(hi)}
+        share = ratio_estimate(mass[:, c], mass.sum(1), n_boot, seed)
+        low, high = share.ci95 if share.ci95 else (np.nan, np.nan)
+        out[name] = {"share": share.value or 0.0, "low": low, "high": high}
     return out
 
 

@@ -52,8 +52,8 @@ ATTRIBUTES = {
 }
 # The conditional map is fitted on harmful-prompt triples only (chosen: a refusal), for compute: benign-prompt
 # triples (chosen: an answer over a refusal) need a sampled refusal on a benign prompt, 4 % of samples at 0.9
-# (14 of 360 on validation prompts; 11 of 90 prompts gave a triple at K=4), so 1,000 benign prompts would cost
-# 40 % more sampling for about 120 triples. The benign half of the score is left to the map's prompt
+# (23 of 600 on validation prompts; 18 of 150 prompts gave a triple at K=4), so 1,000 benign prompts would cost
+# 45 % more sampling for about 120 triples. The benign half of the score is left to the map's prompt
 # conditioning, which is what the attribute tests. Held-out prompts still exclude the benign fit pool.
 HELD_OUT_EXCLUDES = {"conditional": ["harmful=harmless_fit", "benign=fit"]}
 FULL = {"fit_prompts": 1000, "k": 4, "k_harmful": 10, "tokens": 48, "val_triple_prompts": 150, "val_prompts": 100,

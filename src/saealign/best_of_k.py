@@ -304,19 +304,16 @@ def _counts_by_kind(samples: Path) -> dict[str, dict[str, int]]:
 
 def write_shuffled_labels(src: str | Path, dst: str | Path, seed: int = 0) -> int:
     """The negative control's data: `src` triples with chosen and rejected swapped for a seeded random half
-    (each record by a fair coin). A map fitted on them should have no held-out signal and no effect.
-    Returns how many records were swapped."""
+    (exactly floor(n/2) records, so the swaps cancel the triples' common direction: with a fair coin per
+    record, the imbalance, e.g. 7 of 279 records, would leave that share of the real map's direction in the
+    control). A map fitted on them should have no held-out signal and no effect. Returns how many were swapped."""
     from saealign.data import read_records
     from saealign.eval.mt_bench import write_jsonl
 
     partner = {"chosen": "rejected", "rejected": "chosen",
                "score_chosen": "score_rejected", "score_rejected": "score_chosen"}
-    rng = random.Random(f"shuffled-labels/{seed}")
-    records, swapped = [], 0
-    for _, record in read_records(Path(src)):
-        if rng.random() < 0.5:
-            record = {k: record.get(partner.get(k, k), v) for k, v in record.items()}
-            swapped += 1
-        records.append(record)
-    write_jsonl(dst, records)
-    return swapped
+    records = [record for _, record in read_records(Path(src))]
+    swap = set(random.Random(f"shuffled-labels/{seed}").sample(range(len(records)), len(records) // 2))
+    write_jsonl(dst, [{k: record.get(partner.get(k, k), v) for k, v in record.items()} if i in swap else record
+                      for i, record in enumerate(records)])
+    return len(swap)

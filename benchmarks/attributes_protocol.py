@@ -22,7 +22,7 @@ about 1.6 M sampled tokens (the conditional attribute's harmful prompts at K=16 
 greedy ones: about 7.5 h in one process, about 4.5 h running the conditional attribute beside the other two.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/attributes_protocol.py    # the full run
-    .venv/bin/python benchmarks/attributes_protocol.py --tiny --out runs/attr_tiny --results runs/attr_tiny/results
+    .venv/bin/python benchmarks/attributes_protocol.py --tiny --output runs/attr_tiny --results runs/attr_tiny/results
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def protocol(attribute: str, s: dict, work: Path, results: Path, data: str) -> N
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--out", default=str(ROOT / "runs" / "attributes"), help="working directory (triples, maps, answers)")
+    ap.add_argument("--output", default=str(ROOT / "runs" / "attributes"), help="working directory (triples, maps, answers)")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--attributes", nargs="+", default=list(ATTRIBUTES), choices=list(ATTRIBUTES))
     ap.add_argument("--tiny", action="store_true", help="16 prompts, K=3 (6 harmful), 12 tokens: shows the pipeline works")
@@ -204,7 +204,7 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     for attribute in args.attributes:
         settings = TINY if args.tiny else {**FULL, **FULL_BY_ATTRIBUTE.get(attribute, {})}
-        protocol(attribute, settings, Path(args.out), results, args.data)
+        protocol(attribute, settings, Path(args.output), results, args.data)
 
 
 if __name__ == "__main__":

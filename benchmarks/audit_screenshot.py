@@ -37,9 +37,9 @@ def screenshot(page: Path, out: Path, width: int = 1280, height: int = 1400) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("page", type=Path, help="the report's index.html")
-    parser.add_argument("--out", type=Path, default=RESULTS / "audit_screenshot.png")
+    parser.add_argument("--output", type=Path, default=RESULTS / "audit_screenshot.png")
     args = parser.parse_args()
-    print(screenshot(args.page, args.out))
+    print(screenshot(args.page, args.output))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def main() -> None:
     p.add_argument("--fit-triples", type=int, default=48)
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dspa_speed.json"))
+    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "dspa_speed.json"))
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     if args.threads:
@@ -85,7 +85,7 @@ def main() -> None:
         res[f"decode_batch{bs}"] = {k: max(v) for k, v in rates.items()}
         res[f"decode_batch{bs}"]["steered_over_unsteered"] = max(rates["dspa"]) / max(rates["base"])
         print(bs, res[f"decode_batch{bs}"], flush=True)
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    Path(args.output).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
 
 

@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=20)
     parser.add_argument("--texts", type=int, default=300)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "extraction.json"))
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "extraction.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
     results = {"layer": args.layer, "texts": args.texts, "torch_threads": torch.get_num_threads(),
@@ -101,8 +101,8 @@ def main() -> None:
         errs.append(((a16 - a32)[keep].norm(dim=-1) / a32[keep].norm(dim=-1)).mean().item())
     results["bf16_relative_error_mean"] = sum(errs) / len(errs)
     results["ratio_saealign_bf16_to_bare_bf16"] = results["bare_forward_bf16"]["seconds"] / results["saealign_bf16"]["seconds"]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 

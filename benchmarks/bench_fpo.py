@@ -185,7 +185,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default=None)
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_fpo")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fpo.json")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "fpo.json")
     parser.add_argument("--reuse", action="store_true", help="keep job results already in --workdir (resume a run)")
     parser.add_argument("--job", choices=["cache", "train", "val", "test", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -220,12 +220,12 @@ def main() -> None:
               "peak_memory_kind": next(iter(runs.values()))["train"]["peak_memory_kind"],
               "n_test_pairs": next(iter(runs.values()))["test"]["n_pairs"],
               "reference_cache": cache, "reference_test": reference_test, "runs": runs, "wall_s": time.time() - started}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    args.out.with_suffix(".md").write_text(table(report))
-    plot(report, args.out.with_suffix(".png"))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    args.output.with_suffix(".md").write_text(table(report))
+    plot(report, args.output.with_suffix(".png"))
     print(table(report))
-    print(f"wrote {args.out} (.md, .png)")
+    print(f"wrote {args.output} (.md, .png)")
 
 
 if __name__ == "__main__":

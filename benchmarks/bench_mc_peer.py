@@ -7,7 +7,7 @@ difference in points (the acceptance bar is 0.5), the largest per-choice log-lik
 share of items whose predicted answer agrees, and seconds for each scorer.
 
     python benchmarks/bench_mc_peer.py                      # full sets (slow on CPU)
-    python benchmarks/bench_mc_peer.py --limit 100          # stratified 100 items per task
+    python benchmarks/bench_mc_peer.py --n 100          # stratified 100 items per task
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ TASKS = ["mmlu", "mmlu_continuation", "arc_easy", "arc_challenge", "hellaswag", 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=TASKS)
-    parser.add_argument("--limit", type=int, default=None, help="stratified items per task (default: all)")
-    parser.add_argument("--data-dir", type=Path, default=DATA)
+    parser.add_argument("--n", type=int, default=None, help="stratified items per task (default: all)")
+    parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mc_peer.json")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "mc_peer.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -48,8 +48,8 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     docs = {}
     for task in args.tasks:
-        all_docs = load_docs(task, data_dir=args.data_dir)
-        keep = {item.id for item in select_items(build_items(task, all_docs), args.limit, "stratified", 0)}
+        all_docs = load_docs(task, data_dir=args.data)
+        keep = {item.id for item in select_items(build_items(task, all_docs), args.n, "stratified", 0)}
         docs[task] = [doc for doc in all_docs if doc["doc_id"] in keep]
 
     ours, ours_s = {}, {}
@@ -65,7 +65,7 @@ def main() -> None:
         reference = lm_eval_scores(model, tokenizer, docs, work, batch_size=args.batch_size)
     lm_eval_s = time.perf_counter() - start
 
-    report: dict = {"model": args.model, "limit": args.limit, "batch_size": args.batch_size,
+    report: dict = {"model": args.model, "limit": args.n, "batch_size": args.batch_size,
                     "threads": torch.get_num_threads(), "versions": {**versions(), **reference["versions"]},
                     "lm_eval_seconds_all_tasks": round(lm_eval_s, 1), "tasks": {}}
     for task, task_docs in docs.items():
@@ -85,7 +85,7 @@ def main() -> None:
         report["tasks"][task] = {"n": len(items), "choices": len(diffs), "max_abs_ll_diff": max(diffs),
                                  "argmax_agreement": float(np.mean(agree)), "saealign_seconds": round(ours_s[task], 1),
                                  "metrics": metrics}
-    write_json(args.out, report)
+    write_json(args.output, report)
     print(json.dumps({t: {k: v for k, v in r.items()} for t, r in report["tasks"].items()}, indent=1))
     print(f"lm-eval, all tasks: {lm_eval_s:.1f} s; saealign: {sum(ours_s.values()):.1f} s")
 

@@ -228,7 +228,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--paths", nargs="+", choices=("engine", "generate"), default=["engine", "generate"])
     parser.add_argument("--threads", type=int, default=1, help="1: the machine is shared; more threads stall on a busy core")
-    parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model()
@@ -237,7 +237,7 @@ def main() -> None:
     for part, fn in (("load", load_part), ("decode", decode_part)):
         if args.part in (part, "all"):
             result = {"env": env, **fn(model, tok, args)}
-            path = Path(args.out_dir) / f"serve_{part}.json"
+            path = Path(args.output) / f"serve_{part}.json"
             path.write_text(json.dumps(result, indent=1) + "\n")
             print("wrote", path)
 

@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dspa_examples.json"))
+    ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "dspa_examples.json"))
     args = ap.parse_args()
 
     model, tok = load_model(DEFAULT_MODEL)
@@ -50,13 +50,13 @@ def main() -> None:
         examples.append({"split": role, "prompt": conv[-1]["content"], "base": base_answer, "dspa": answer,
                          "edited_tokens": len(steer.records), "top_edited_latents": edited.most_common(8)})
         print(f"--- [{role}] {conv[-1]['content']}\nbase: {base_answer}\ndspa: {answer}\n", flush=True)
-    write_json(args.out, {"map": args.map, "settings": steer.cfg.__dict__, "max_new_tokens": args.max_new_tokens,
+    write_json(args.output, {"map": args.map, "settings": steer.cfg.__dict__, "max_new_tokens": args.max_new_tokens,
                           "examples": examples})
     lines = ["| split | prompt | base | DSPA | tokens edited |", "|---|---|---|---|---|"]
     for e in examples:
         cells = [e["split"], e["prompt"], e["base"], e["dspa"], str(e["edited_tokens"])]
         lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
-    Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+    Path(args.output).with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=384)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--also", nargs="*", default=[], metavar="MAP", help="record the same choice in these maps")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dspa_sweep_val.json"))
+    ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "dspa_sweep_val.json"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -39,8 +39,8 @@ def main() -> None:
                                                flush=True))
     for other in args.also:
         record_recommended(other, dataclasses.replace(chosen, source=f"saealign dspa tune {args.map}"))
-    write_json(args.out, dataclasses.asdict(read_metadata(args.map).recommended))
-    plot(Path(args.out))
+    write_json(args.output, dataclasses.asdict(read_metadata(args.map).recommended))
+    plot(Path(args.output))
 
 
 def plot(path: Path) -> None:

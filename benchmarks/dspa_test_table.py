@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--val-n", type=int, default=200, help="validation pairs when the maps have no recorded choice")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-prefix", action="store_true", help="leave out prompt-prefix (a full pass per split)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dspa_test_table.json"))
+    ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "dspa_test_table.json"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,7 +65,7 @@ def main() -> None:
     specs = {"DSPA (fit pool)": f"dspa:{args.map}", "DSPA (N=1000)": f"dspa:{args.map_1000}",
              "static-sae": f"static-sae:{args.map}", "RepE (mean diff., l_out)": f"repe:{args.map}"}
     methods = {"base": None, **{name: load_method(spec, model=model) for name, spec in specs.items()}}
-    out = Path(args.out)
+    out = Path(args.output)
     result = read_json(out) if out.exists() else {}
     recommended = read_metadata(args.map).recommended
     result.update({"settings": {"dspa": recommended.dspa.steering_options(),

@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--fit", type=int, default=300)
     p.add_argument("--val", type=int, default=200)
     p.add_argument("--max-length", type=int, default=384)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "layer_probe.json"))
+    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "layer_probe.json"))
     args = p.parse_args()
     roles = hh_rlhf_roles(ROOT.parent / "shared" / "data", seed=0)
     model, tok = load_model(dtype="bfloat16")
@@ -55,7 +55,7 @@ def main() -> None:
     acc = ((vc - vr) * v).sum(-1).gt(0).float().mean(0)
     result = {"fit_triples": len(fit), "val_triples": len(val), "seed": 0, "dtype": "bfloat16",
               "val_accuracy_by_layer": {l: round(acc[i].item(), 4) for i, l in enumerate(layers)}}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

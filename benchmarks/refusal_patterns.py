@@ -15,7 +15,7 @@
    apologise otherwise ("sorry" in the first 200 characters: 27 chosen, 9 rejected), and a bare "sorry"
    is not counted (SmolLM2 opens answers with "I'm so sorry to hear that").
 
-    .venv/bin/python benchmarks/refusal_patterns.py --out runs/refusal_patterns
+    .venv/bin/python benchmarks/refusal_patterns.py --output runs/refusal_patterns
 """
 
 from __future__ import annotations
@@ -56,12 +56,12 @@ def answers(path: Path, prompts: list[tuple[str, str]]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="../shared/data")
-    ap.add_argument("--out", default="runs/refusal_patterns")
+    ap.add_argument("--output", default="runs/refusal_patterns")
     ap.add_argument("--harmful", type=int, default=60)
     ap.add_argument("--benign", type=int, default=40)
     args = ap.parse_args()
     refusal = get_scorer("refusal")
-    rows = answers(Path(args.out) / "answers.jsonl", fit_prompts(args.data, args.harmful, args.benign))
+    rows = answers(Path(args.output) / "answers.jsonl", fit_prompts(args.data, args.harmful, args.benign))
     for r in rows:
         mark = "REFUSE" if refusal(r["prompt"], r["answer"]) else "answer"
         print(f"[{r['kind']}/{r['decoding']}] {mark}: {r['prompt'][:60]!r} -> {r['answer']!r}")

@@ -2,7 +2,7 @@
 DSPA in points with the paired per-item delta, and the MT-Bench / AlpacaEval summaries with the judge's
 missing rate. Writes a compact JSON (no per-item records) and a markdown file.
 
-    python benchmarks/suite_tables.py runs/eval_suite --out benchmarks/results/eval_suite
+    python benchmarks/suite_tables.py runs/eval_suite --output benchmarks/results/eval_suite
 """
 
 from __future__ import annotations
@@ -103,17 +103,17 @@ def markdown(mc: list[dict], gen: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suites", nargs="+", type=Path, help="eval_suite.sh output folders (later ones add rows)")
-    parser.add_argument("--out", type=Path, required=True, help="path stem: writes STEM.json and STEM.md")
+    parser.add_argument("--output", type=Path, required=True, help="path stem: writes STEM.json and STEM.md")
     args = parser.parse_args()
     mc = [row for suite in args.suites for row in mc_rows(suite)]
     gen = [row for suite in args.suites for row in generation_rows(suite)]
     paired = [d for suite in args.suites if (d := paired_expected_rating(suite))]
-    write_json(args.out.with_suffix(".json"), {"suites": [str(s) for s in args.suites], "mc": mc, "generation": gen,
+    write_json(args.output.with_suffix(".json"), {"suites": [str(s) for s in args.suites], "mc": mc, "generation": gen,
                                                "mt_bench_expected_rating_dspa_minus_base": paired})
     text = markdown(mc, gen) + "".join(
         f"\nMT-Bench expected rating, DSPA - base, paired over {d['n']} judgments: {d['value']:+.3f} "
         f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]\n" for d in paired)
-    args.out.with_suffix(".md").write_text(text)
+    args.output.with_suffix(".md").write_text(text)
     print(text)
 
 

@@ -81,14 +81,14 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "theory_checks.json")
+    parser.add_argument("--output", type=Path, default=RESULTS / "theory_checks.json")
     args = parser.parse_args()
     result = run(args.seed)
-    write_json(args.out, result)
-    plot(result, args.out.with_suffix(".png"))
+    write_json(args.output, result)
+    plot(result, args.output.with_suffix(".png"))
     conv, dem = result["convergence"], result["demixing"]
     print(f"slope {conv['slope']:.3f}; de-mixed cosines min {min(dem['cosine_demixed']):.4f} "
-          f"(raw rows max {max(dem['cosine_raw_rows']):.3f}); -> {args.out}")
+          f"(raw rows max {max(dem['cosine_raw_rows']):.3f}); -> {args.output}")
     for rare in result["rare_gates"]:
         err, p = np.array(rare["row_relative_error"]), np.array(rare["frequency"])
         print(f"N={rare['n']}: rare/common row error {err[-1] / err[0]:.2f}, predicted {np.sqrt(p[0] / p[-1]):.2f}")

@@ -61,8 +61,10 @@ FULL = {"fit_prompts": 1000, "k": 4, "k_harmful": 10, "tokens": 48, "val_triple_
         "coefs": [1.0, 4.0, 16.0], "max_length": 256, "batch": 48}
 # A refusal shows in an answer's first sentence, so the refusal attributes generate 32 tokens (a third less compute).
 # One steering mode per attribute halves the validation grid: a refusal has to be added (`both` augments the
-# latents of the chosen side), repetition removed (`ablate` the latents of the rejected side).
-FULL_BY_ATTRIBUTE = {"refusal": {"tokens": 32, "modes": ["ablate"]}, "conditional": {"tokens": 32, "modes": ["both"]},
+# latents of the chosen side), repetition removed (`ablate` the latents of the rejected side). The conditional
+# attribute's grid was cut further (two alphas, one RepE coefficient) to fit the measured run into one session.
+FULL_BY_ATTRIBUTE = {"refusal": {"tokens": 32, "modes": ["ablate"]},
+                     "conditional": {"tokens": 32, "modes": ["both"], "alphas": [0.2, 0.5], "coefs": [4.0]},
                      "repetition": {"modes": ["ablate"]}}
 TINY = {"fit_prompts": 16, "k": 3, "k_harmful": 6, "tokens": 12, "val_triple_prompts": 16, "val_prompts": 4,
         "test_prompts": 8, "snapshots": [4], "alphas": [0.5], "modes": ["ablate"], "coefs": [4.0], "max_length": 64, "batch": 16}

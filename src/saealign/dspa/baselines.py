@@ -21,6 +21,7 @@ from saealign import __version__
 from saealign._io import load_tensors, read_json, save_tensors, write_json
 from saealign.activations import DEFAULT_SINK_FACTOR, keep_mask
 from saealign.config import ConfigError
+from saealign.cost import CostMeter
 from saealign.dspa.map import DSPAMap
 from saealign.dspa.steer import LatentSteerer, SteerConfig, select_latents
 from saealign.hooks import CallContext, HookSession, PositionSpec, read_residuals
@@ -118,13 +119,15 @@ class RepE:
         rendered = render_triples(tokenizer, triples, max_length=max_length, progress=False)
         order = sorted(range(len(rendered)), key=lambda i: rendered[i].length("both"))
         dev = next(model.parameters()).device
+        meter = CostMeter("repe fit", model)
         total = None
         for b0 in tqdm(range(0, len(order), batch_size), desc="RepE fit", disable=not progress):
             items = [rendered[i] for i in order[b0: b0 + batch_size]]
             means = []
             for which in ("chosen", "rejected"):
                 b = collate_pairs(items, tokenizer, which, "right")
-                h = read_residuals(model, b["input_ids"].to(dev), b["attention_mask"].to(dev), [layer])[layer].float()
+                with meter.forward(*b["input_ids"].shape, layers=layer + 1, lm_head=False):
+                    h = read_residuals(model, b["input_ids"].to(dev), b["attention_mask"].to(dev), [layer])[layer].float()
                 attn = b["attention_mask"].to(dev)
                 m = (b["response_mask"].to(dev) & keep_mask(h, attn, sink_factor)).unsqueeze(-1).float()
                 means.append((h * m).sum(1) / m.sum(1).clamp_min(1))
@@ -133,7 +136,7 @@ class RepE:
         vector = total / len(rendered)
         config = {"kind": "repe", "saealign_version": __version__, "model": model_id(model),
                   "model_fingerprint": model_fingerprint(model), "layer": layer, "count": len(rendered),
-                  "data_fingerprint": triples_fingerprint(triples)}
+                  "data_fingerprint": triples_fingerprint(triples), "cost": meter.result()}
         return cls(vector.cpu(), layer, 1.0, config)
 
     @classmethod
@@ -142,7 +145,7 @@ class RepE:
         meta = dspa_map.meta
         config = {"kind": "repe", "saealign_version": __version__, "model": meta.model,
                   "model_fingerprint": meta.model_fingerprint, "layer": meta.l_out, "count": dspa_map.count,
-                  "data_fingerprint": meta.data_fingerprint, "from_dspa_map": True}
+                  "data_fingerprint": meta.data_fingerprint, "from_dspa_map": True, "cost": meta.cost}
         return cls(dspa_map.repe_vector(), meta.l_out, coef, config)
 
     def save(self, path: str | Path) -> Path:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from saealign import __version__
 from saealign._io import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from saealign.activations import DEFAULT_SINK_FACTOR, keep_mask
+from saealign.cost import CostMeter, combine, measured
 from saealign.config import ConfigError, check_config, differing_settings
 from saealign.hooks import read_residuals
 from saealign.models import model_fingerprint, model_id, model_mismatch
@@ -249,8 +250,9 @@ def merge_maps(maps: Sequence[DSPAMap], allow_overlap: bool = False) -> DSPAMap:
     a_sum = SparseSum(first.a_sum.m_in, first.a_sum.m_out)
     for m in maps:
         a_sum += m.a_sum
+    costs = [m.meta.cost for m in maps]
     meta = dataclasses.replace(first.meta, data_fingerprint=[fp for m in maps for fp in _data_fingerprints(m)],
-                               merged_from=len(maps))
+                               merged_from=len(maps), cost=combine("dspa fit", costs) if all(costs) else None)
     repe = None if any(m.repe_sum is None for m in maps) else sum(m.repe_sum.double() for m in maps)
     return DSPAMap(a_sum, sum(m.g_sum.double() for m in maps), sum(m.count for m in maps), meta, repe)
 
@@ -369,6 +371,7 @@ class MapMetadata:
     threshold: float = field(default=0.0, metadata={"ge": 0})  # tau of a setting that names none (`dspa fit --threshold`)
     data: FitData | None = None
     fit_seconds: float | None = None
+    cost: dict[str, Any] | None = None  # `saealign.cost` record of the fit's passes (the draw's, for a snapshot)
     merged_from: int | None = None
     saealign_version: str = __version__
     recommended: Recommended = field(default_factory=Recommended)
@@ -459,10 +462,11 @@ def record_recommended(path: str | Path, recommended: Recommended) -> None:
 
 
 @torch.no_grad()
-def fit_batch(model, sae_in: SAE, sae_out: SAE, batch_c: dict, batch_r: dict, options: FitOptions
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fit_batch(model, sae_in: SAE, sae_out: SAE, batch_c: dict, batch_r: dict, options: FitOptions,
+              meter: CostMeter | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(g, delta, h_diff) for one batch of triples: chosen pass reads both layers, rejected pass l_out
-    only; h_diff is the chosen-minus-rejected mean residual at l_out over the same response tokens."""
+    only; h_diff is the chosen-minus-rejected mean residual at l_out over the same response tokens.
+    With a `meter`, both passes (SAE encoders included) are counted."""
     l_in, l_out = sae_in.layer, sae_out.layer
     dev = next(model.parameters()).device
 
@@ -475,14 +479,20 @@ def fit_batch(model, sae_in: SAE, sae_out: SAE, batch_c: dict, batch_r: dict, op
             return region & attn.bool()
         return region & keep_mask(hidden, attn, options.sink_factor, first_real_position(attn))
 
-    hidden_c, attn_c, resp_c = run(batch_c, sorted({l_in, l_out}))
-    prompt_mask = usable(hidden_c[l_in], attn_c, attn_c.bool() & ~resp_c)
-    g = prompt_statistic(encode_masked(sae_in, hidden_c[l_in], prompt_mask), prompt_mask, options.stat)
-    resp_mask_c = usable(hidden_c[l_out], attn_c, resp_c)
-    rho_c = prompt_statistic(encode_masked(sae_out, hidden_c[l_out], resp_mask_c), resp_mask_c, "density")
-    hidden_r, attn_r, resp_r = run(batch_r, [l_out])
-    resp_mask_r = usable(hidden_r[l_out], attn_r, resp_r)
-    rho_r = prompt_statistic(encode_masked(sae_out, hidden_r[l_out], resp_mask_r), resp_mask_r, "density")
+    def density(sae: SAE, hidden: torch.Tensor, mask: torch.Tensor, stat: str, counted) -> torch.Tensor:
+        counted.extra(int(mask.sum()), sae.d_in, sae.d_sae)
+        return prompt_statistic(encode_masked(sae, hidden, mask), mask, stat)
+
+    with measured(meter, *batch_c["input_ids"].shape, layers=max(l_in, l_out) + 1, lm_head=False) as counted:
+        hidden_c, attn_c, resp_c = run(batch_c, sorted({l_in, l_out}))
+        prompt_mask = usable(hidden_c[l_in], attn_c, attn_c.bool() & ~resp_c)
+        g = density(sae_in, hidden_c[l_in], prompt_mask, options.stat, counted)
+        resp_mask_c = usable(hidden_c[l_out], attn_c, resp_c)
+        rho_c = density(sae_out, hidden_c[l_out], resp_mask_c, "density", counted)
+    with measured(meter, *batch_r["input_ids"].shape, layers=l_out + 1, lm_head=False) as counted:
+        hidden_r, attn_r, resp_r = run(batch_r, [l_out])
+        resp_mask_r = usable(hidden_r[l_out], attn_r, resp_r)
+        rho_r = density(sae_out, hidden_r[l_out], resp_mask_r, "density", counted)
     h_diff = (prompt_statistic(hidden_c[l_out], resp_mask_c, "mean")
               - prompt_statistic(hidden_r[l_out], resp_mask_r, "mean"))
     return g, rho_c - rho_r, h_diff
@@ -571,6 +581,7 @@ def fit_map(model, tokenizer, sae_in: SAE, sae_out: SAE, triples, options: FitOp
         log.info("%s already holds this fit; returning it", out)
         return saved
     start, seconds_before = dspa_map.count, dspa_map.meta.fit_seconds or 0.0
+    meter = CostMeter("dspa fit", model, resume=dspa_map.meta.cost)
     # Segment ends: checkpoints, snapshots and the end. Order is kept across segments (so a count or
     # snapshot means "the first n triples"); inside a segment triples are length-sorted into batches.
     ends = sorted({*range(start + checkpoint_every, len(triples), checkpoint_every),
@@ -583,13 +594,14 @@ def fit_map(model, tokenizer, sae_in: SAE, sae_out: SAE, triples, options: FitOp
         for b0 in range(0, len(order), options.batch_size):
             items = [rendered[i] for i in order[b0: b0 + options.batch_size]]
             g, delta, h_diff = fit_batch(model, sae_in, sae_out, collate_pairs(items, tokenizer, "chosen", "right"),
-                                 collate_pairs(items, tokenizer, "rejected", "right"), options)
+                                 collate_pairs(items, tokenizer, "rejected", "right"), options, meter)
             dspa_map.a_sum.add_outer(g.cpu(), delta.cpu())
             dspa_map.g_sum += g.sum(0).double().cpu()
             dspa_map.repe_sum += h_diff.sum(0).double().cpu()
             dspa_map.count += len(items)
             bar.update(len(items))
         dspa_map.meta.fit_seconds = round(seconds_before + time.time() - t0, 2)  # all segments of a resumed fit
+        dspa_map.meta.cost = meter.result()
         if end in snapshots and out is not None:
             snap = dataclasses.replace(dspa_map, meta=dataclasses.replace(
                 dspa_map.meta, data_fingerprint=triples_fingerprint(triples[:end])))

@@ -37,6 +37,9 @@ class ArchShape:
     n_kv_heads: int
     head_dim: int
     vocab: int
+    # Backward of attention over its forward: fused kernels (sdpa, flash) recompute the scores (2.5x);
+    # eager attention keeps them and takes the two gradients of each of its two products (2x).
+    attention_backward: float = 2.5
 
     @classmethod
     def from_model(cls, model: Any) -> "ArchShape":
@@ -45,7 +48,8 @@ class ArchShape:
         heads = config.num_attention_heads
         return cls(n_layers=config.num_hidden_layers, d_model=config.hidden_size, d_ff=config.intermediate_size,
                    n_heads=heads, n_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, vocab=config.vocab_size)
+                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, vocab=config.vocab_size,
+                   attention_backward=2.0 if getattr(config, "_attn_implementation", None) == "eager" else 2.5)
 
     def layer_matrix_params(self) -> int:
         """Weights of one block's matrix products: q, k, v, o and the three MLP matrices."""
@@ -68,7 +72,7 @@ class ArchShape:
 
 # Published configurations, for the analytic model at the paper's scale (config.json of each model).
 GEMMA2_9B = ArchShape(n_layers=42, d_model=3584, d_ff=14336, n_heads=16, n_kv_heads=8, head_dim=256, vocab=256000)
-LLAMA3_8B = ArchShape(n_layers=32, d_model=4096, d_ff=14336, n_heads=32, n_kv_heads=8, head_dim=128, vocab=128256)
+QWEN3_8B = ArchShape(n_layers=36, d_model=4096, d_ff=12288, n_heads=32, n_kv_heads=8, head_dim=128, vocab=151936)
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ def pass_flops(arch: ArchShape, batch: int, seq_len: int, layers: int | None = N
 
     Backward, as autograd runs it: `full` computes input and weight gradients of every product (2x its
     forward); `lora` only input gradients through the frozen products above the lowest adapted layer (1x)
-    plus the adapters' own (2x); attention's backward recomputes the scores (2.5x its forward). `extra`
+    plus the adapters' own (2x); attention's backward is `arch.attention_backward` times its forward. `extra`
     products are frozen (input gradients only, 1x) whenever the pass has a backward."""
     layers = arch.n_layers if layers is None else layers
     tokens = batch * seq_len
@@ -105,11 +109,11 @@ def pass_flops(arch: ArchShape, batch: int, seq_len: int, layers: int | None = N
     if grad == "none":
         return forward, 0.0
     if grad == "full":
-        return forward, 2.0 * (layers * linear + head) + 2.5 * layers * attention + extra_flops
+        return forward, 2.0 * (layers * linear + head) + arch.attention_backward * layers * attention + extra_flops
     if lora is None:
         raise ValueError("grad='lora' needs the LoRA shape")
     graded = layers - min(lora.layers)  # no gradient flows below the lowest adapted layer
-    return forward, graded * (linear + 2.5 * attention) + head + 2.0 * adapters + extra_flops
+    return forward, graded * (linear + arch.attention_backward * attention) + head + 2.0 * adapters + extra_flops
 
 
 def _cpu_attention_formulas() -> dict[Any, Any]:

@@ -1,0 +1,180 @@
+"""The restricted-data sweep (issue #14): each method aligned on nested seeded draws of N fit-pool triples,
+scored by the judge-free HH-RLHF protocol on one fixed helpful-test sample, beside what its alignment stage cost.
+
+- DSPA, static-sae and RepE (at l_out) come from one DSPA fit with `--snapshots` (the snapshot at N is the map
+  of the seeded N-draw, and its `cost` is what that N cost: the same passes serve all three). Their settings
+  were chosen on validation once, at the full pool (`benchmarks/results/dspa_sweep_val.json`), and are held
+  fixed across N.
+- DPO (`saealign fpo train --loss dpo`, reference from the offline cache, settings of the FPO benchmark's
+  validation grid) and RAHF-SCIT (`saealign rahf train`) are trained per N on the same draws (seed 0).
+- Every method is scored against the base model on the same test triples: reward accuracy, with its 95 %
+  bootstrap interval (`saealign.eval.pref.preference_metrics`).
+
+Resumable: finished runs are kept in the JSON and in --workdir and are not redone.
+
+    python benchmarks/restricted_sweep.py --map /work/runs/map_full --ns 100 250 500 1000 full \
+        --methods dspa static-sae repe dpo rahf-scit --workdir runs/sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from saealign._io import read_json, versions, write_json
+from saealign.data import sample, select_triples
+from saealign.eval.pref import preference_metrics
+from saealign.eval.pref_cache import ScoringCache
+from saealign.models import DEFAULT_MODEL, load_model
+from saealign.runtime.scoring import base_scores_cached, score_triples
+from saealign.steering import load_method
+
+ROOT = Path(__file__).resolve().parents[1]
+STEERED = ("dspa", "static-sae", "repe")
+TRAINED = ("dpo", "rahf-scit")
+VALIDATION_CHOICE = ROOT / "benchmarks" / "results" / "dspa_sweep_val.json"
+# DPO as the FPO benchmark chose it on validation (learning rate from its grid, global batch 8), one epoch.
+DPO_FLAGS = ["--loss", "dpo", "--reference", "cache", "--learning-rate", "1e-5", "--per-device-train-batch-size", "2",
+             "--gradient-accumulation-steps", "4", "--num-train-epochs", "1"]
+
+
+def map_at(map_dir: Path, n: str) -> Path:
+    return map_dir if n == "full" else map_dir / f"snapshot_{n}"
+
+
+def train(method: str, n: str, args: argparse.Namespace) -> Path:
+    """Train `method` on the seeded N-draw in a subprocess (the CLI a user runs); a finished run is reused."""
+    out = args.workdir / f"{method}_n{n}"
+    if (out / "train_summary.json").exists():
+        return out
+    common = ["--data", str(args.data), "--data-role", "fit", "--seed", "0", "--max-length", str(args.max_length),
+              "--output", str(out), "--save-steps", "5", "--no-progress"]
+    if (out / "step1").exists() or any(out.glob("checkpoint-*")):
+        common += ["--resume-from-checkpoint", "latest"]
+    if n != "full":
+        common += ["--n", n]
+    command = (["fpo", "train", *DPO_FLAGS] if method == "dpo" else ["rahf", "train"]) + common
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "saealign", *command], check=True)
+    print(f"{method} N={n}: trained in {time.time() - t0:.0f} s", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--map", type=Path, required=True, help="DSPA fit of the fit pool with --snapshots at the N values")
+    ap.add_argument("--ns", nargs="+", default=["100", "250", "500", "1000", "full"])
+    ap.add_argument("--methods", nargs="+", default=[*STEERED, *TRAINED], choices=[*STEERED, *TRAINED])
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--n", type=int, default=300, help="helpful-test triples (a seeded sample, fixed for every run)")
+    ap.add_argument("--max-length", type=int, default=384)
+    ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "sweep")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "restricted_sweep.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    result = read_json(args.output) if args.output.exists() else {}
+    chosen = read_json(VALIDATION_CHOICE)["chosen"]
+    result.update({"benchmark": "restricted-data sweep", "model": DEFAULT_MODEL, "test_role": "test_helpful",
+                   "test_n": args.n, "seed": 0, "max_length": args.max_length, "map": str(args.map),
+                   "settings": {"chosen_on": f"validation, N = full ({VALIDATION_CHOICE.name})", **chosen,
+                                "dpo": " ".join(DPO_FLAGS)},
+                   "versions": versions(), "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()})
+    runs = result.setdefault("runs", {})
+
+    model, tok = load_model(DEFAULT_MODEL)
+    test = sample(select_triples(str(args.data), "test_helpful"), args.n, 0)
+    base = base_scores_cached(model, tok, test, args.max_length)
+
+    def record(key: str, method: str, n: str, triples: int, scores, cost: dict, started: float) -> None:
+        metrics = preference_metrics(scores, base)
+        runs[key] = {"method": method, "n": n, "triples": triples, "metrics": {k: v.to_json() for k, v in metrics.items()}, "cost": cost,
+                     "eval_seconds": round(time.time() - started, 1)}
+        write_json(args.output, result)
+        acc = metrics["reward_acc"]
+        print(f"{key}: reward acc {100 * acc.value:.1f} [{100 * acc.ci95[0]:.1f}, {100 * acc.ci95[1]:.1f}], "
+              f"{cost['flops']['total']:.3g} FLOPs", flush=True)
+
+    steered = [(m, n) for n in args.ns for m in args.methods if m in STEERED and f"{m}@{n}" not in runs]
+    if steered:
+        full = load_method(f"dspa:{args.map}", model=model)
+        cache = ScoringCache.build(model, tok, test, full.sae_out.layer, full, args.max_length)
+        for method, n in steered:
+            started = time.time()
+            where = map_at(args.map, n)
+            intervention = load_method(f"{method}:{where}", model=model, **chosen[method])
+            scores = cache.score(model, intervention, desc=f"score {method} N={n}")
+            config = read_json(where / "config.json")
+            record(f"{method}@{n}", method, n, config["count"], scores, config["cost"], started)
+    for n in args.ns:
+        for method in (m for m in args.methods if m in TRAINED):
+            if f"{method}@{n}" in runs:
+                continue
+            out = train(method, n, args)
+            started = time.time()
+            policy, _ = load_model(str(out))
+            scores = score_triples(policy, tok, test, None, args.max_length, desc=f"score {method} N={n}")
+            del policy
+            summary = read_json(out / "train_summary.json")
+            record(f"{method}@{n}", method, n, summary["n_pairs"], scores, summary["cost"], started)
+    plot(result, args.output.with_suffix(".png"))
+    args.output.with_suffix(".md").write_text(table(result))
+
+
+def table(result: dict) -> str:
+    """Reward accuracy and counted alignment-stage cost per method and N."""
+    lines = [f"Reward accuracy vs the base model on {result['test_n']} helpful-test triples (95 % CI), and the "
+             "alignment stage's counted FLOPs, wall time and peak memory (device: " + result["device"] + ").", "",
+             "| method | N | reward acc. % [95% CI] | FLOPs (fwd + bwd) | wall s | peak MB |", "|---|---|---|---|---|---|"]
+    for key, run in sorted(result["runs"].items(), key=lambda kv: (kv[1]["method"], _as_number(kv[1]["n"]))):
+        acc, cost = run["metrics"]["reward_acc"], run["cost"]
+        lines.append(f"| {run['method']} | {run['n']} | {100 * acc['value']:.1f} [{100 * acc['ci95'][0]:.1f}, "
+                     f"{100 * acc['ci95'][1]:.1f}] | {cost['flops']['total']:.3g} | {cost['wall_seconds']:.0f} | "
+                     f"{cost['peak_memory_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _as_number(n: str) -> float:
+    return float("inf") if n == "full" else float(n)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_n, by_flops) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method in dict.fromkeys(r["method"] for r in result["runs"].values()):
+        rows = sorted((r for r in result["runs"].values() if r["method"] == method), key=lambda r: _as_number(r["n"]))
+        ns = [r["triples"] for r in rows]
+        acc = [100 * r["metrics"]["reward_acc"]["value"] for r in rows]
+        err = [[a - 100 * r["metrics"]["reward_acc"]["ci95"][0] for a, r in zip(acc, rows)],
+               [100 * r["metrics"]["reward_acc"]["ci95"][1] - a for a, r in zip(acc, rows)]]
+        flops = [r["cost"]["flops"]["total"] for r in rows]
+        by_n.errorbar(ns, acc, yerr=err, marker="o", capsize=3, label=method)
+        by_flops.errorbar(flops, acc, yerr=err, marker="o", capsize=3, label=method)
+    for ax, label in ((by_n, "N (fit-pool triples)"), (by_flops, "alignment-stage FLOPs (counted)")):
+        ax.set_xscale("log")
+        ax.axhline(50, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel(label)
+        ax.set_ylabel("reward accuracy vs base, % (95% CI)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Restricted-data sweep, {result['test_n']} helpful-test triples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_grad_enabled(False)
+    main()

@@ -106,8 +106,8 @@ def main() -> None:
 
     steered = [(m, n) for n in args.ns for m in args.methods if m in STEERED and f"{m}@{n}" not in runs]
     if steered:
-        full = load_method(f"dspa:{args.map}", model=model)
-        cache = ScoringCache.build(model, tok, test, full.sae_out.layer, full, args.max_length)
+        reader = load_method(f"dspa:{map_at(args.map, steered[0][1])}", model=model)  # any map: they share l_out
+        cache = ScoringCache.build(model, tok, test, reader.sae_out.layer, reader, args.max_length)
         for method, n in steered:
             started = time.time()
             where = map_at(args.map, n)

@@ -56,11 +56,13 @@ data_app = _typer("Load and inspect preference data.")
 dspa_app = _typer("DSPA: fit, merge and inspect prompt-conditional steering maps.")
 eval_app = _typer("Evaluate base, steered and trained models.")
 fpo_app = _typer("FPO / DPO / SimPO / TDPO preference training.")
+rahf_app = _typer("RAHF-SCIT baseline: self-contrastive instruction tuning, then representation alignment.")
 app.add_typer(sae_app, name="sae")
 app.add_typer(data_app, name="data")
 app.add_typer(dspa_app, name="dspa")
 app.add_typer(eval_app, name="eval")
 app.add_typer(fpo_app, name="fpo")
+app.add_typer(rahf_app, name="rahf")
 
 
 @app.callback()
@@ -72,7 +74,7 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v",
 def _register() -> None:
     # Imported for their side effect of adding commands to the apps above.
     from saealign.cli import (attributes_cmd, data_cmd, dspa_cmd, eval_gen_cmd, eval_mc_cmd,  # noqa: F401
-                              eval_pref_cmd, fpo_cmd, models_cmd, sae_cmd, serve_cmd)
+                              eval_pref_cmd, fpo_cmd, models_cmd, rahf_cmd, sae_cmd, serve_cmd)
     from saealign.cli import audit_cmd  # noqa: F401
 
 

@@ -1,16 +1,18 @@
-"""A self-contained preference-training loop on `accelerate` for FPO, DPO, SimPO, TDPO-1 and TDPO-2.
+"""Preference training for FPO, DPO, SimPO, TDPO-1 and TDPO-2 on the shared loop of `saealign.training`.
 
 Why not a TRL trainer subclass: FPO needs a forward hook for SAE activations and an offline
 reference cache keyed by model/SAE/data fingerprints (TRL precomputes reference log-probs only);
 TDPO needs the reference logits, which TRL's fused LM head never builds; SimPO lives in TRL's
 experimental `CPOTrainer` with different (0.x) internals, so no single TRL subclass covers all five
 losses; and exact resume (data order included) and 2-process CPU runs are easier to guarantee in a
-loop we own. TRL's data format (standard or conversational prompt/chosen/rejected, through
-`saealign.data`), batch layout (`DataCollatorForPreference`) and metric names are kept, and the
-DPO/SimPO losses are checked against TRL's own trainers in the tests.
+loop we own (`saealign.training`, shared with RAHF). TRL's data format (standard or conversational
+prompt/chosen/rejected, through `saealign.data`), batch layout (`DataCollatorForPreference`) and metric
+names are kept, and the DPO/SimPO losses are checked against TRL's own trainers in the tests.
 
 Choices: dropout is disabled (TRL's `disable_dropout=True`), so a step is a deterministic function
-of the weights, the optimizer state and the data order — which is all a checkpoint stores.
+of the weights, the optimizer state and the data order — which is all a checkpoint stores. The cost
+(`saealign.cost`) of the training passes, and of the reference-cache pass when this run builds it, goes
+into `train_summary.json` ("cost": the whole run; "cost_by_stage": each stage).
 """
 
 from __future__ import annotations
@@ -18,31 +20,23 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
-import logging
-import math
-import resource
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
-import torch
-from tqdm.auto import tqdm
-
-from saealign._io import atomic_path, read_json, save_tensors, write_json
+from saealign._io import write_json
 from saealign.config import check_config
-from saealign.fpo import losses as L
+from saealign.cost import CostMeter, LoraShape, combine, peak_memory_kind, peak_memory_mb
 from saealign.data import RenderedTriple
-from saealign.fpo.batching import DataOrder, collate, pairs_fingerprint
+from saealign.fpo import losses as L
+from saealign.fpo.batching import collate, pairs_fingerprint
 from saealign.fpo.cache import ReferenceCache, load_or_build
 from saealign.fpo.objective import ModelReference, Objective, Reference, run_model
+from saealign.hooks import num_layers
 from saealign.models import DEFAULT_MODEL
-
-log = logging.getLogger(__name__)
-
-CHECKPOINT_PREFIX = "checkpoint-"
-METRICS_FILE = "metrics.jsonl"
+from saealign.training import METRICS_FILE  # noqa: F401  (re-exported: where the metrics of a run are)
+from saealign.training import (LoopSettings, MicroBatchResult, StepContext, disable_dropout, make_accelerator,
+                               run_loop)
 
 
 def _help(text: str, **bounds: float) -> dict[str, Any]:
@@ -145,15 +139,9 @@ class _Setup:
 
 
 def _setup(cfg: TrainConfig, model: Any, tokenizer: Any, pairs: Sequence[RenderedTriple] | None, sae: Any) -> _Setup:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    mixed = cfg.mixed_precision
-    if mixed == "auto":
-        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and cfg.device != "cpu" else "no"
-    # Without CUDA, force accelerate's CPU path: under `accelerate launch --multi_gpu --num_processes N` it then
-    # joins the N processes with gloo instead of running N independent single-process trainings.
-    accelerator = Accelerator(mixed_precision=mixed, cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    accelerator, mixed = make_accelerator(cfg.mixed_precision, cfg.device)
     set_seed(cfg.seed)
     from saealign.models import load_model, load_tokenizer
 
@@ -176,14 +164,36 @@ def _setup(cfg: TrainConfig, model: Any, tokenizer: Any, pairs: Sequence[Rendere
     return _Setup(accelerator, mixed, model, tokenizer, pairs, sae)
 
 
-def _reference_cache(cfg: TrainConfig, setup: _Setup) -> ReferenceCache:
-    """Load or build the cache with the initial policy (= the reference); rank 0 builds, the others load."""
+def _reference_cache(cfg: TrainConfig, setup: _Setup, meter: CostMeter | None = None) -> ReferenceCache:
+    """Load or build the cache with the initial policy (= the reference); rank 0 builds, the others load.
+    With `meter`, every pass of a build is counted."""
     acc = setup.accelerator
+    autocast = acc.autocast if meter is None else _metered_autocast(acc.autocast, meter, setup, cfg.ref_batch_size)
     with acc.main_process_first():
         return load_or_build(setup.model, setup.tokenizer, setup.pairs, setup.sae, cfg.ref_cache,
                              dtype=f"{setup.model.dtype}-{setup.mixed_precision}".replace("torch.", ""),
-                             batch_size=cfg.ref_batch_size, device=acc.device, autocast=acc.autocast,
+                             batch_size=cfg.ref_batch_size, device=acc.device, autocast=autocast,
                              show_progress=cfg.progress and acc.is_main_process)
+
+
+def _metered_autocast(autocast: Callable[[], Any], meter: CostMeter, setup: _Setup,
+                      batch_size: int) -> Callable[[], Any]:
+    """The builder enters `autocast()` once around each batch's pass, batches being consecutive runs of
+    `batch_size` pairs in order; so each entry is that batch's pass, described to the meter."""
+    starts = iter(range(0, len(setup.pairs), batch_size))
+    n_layers = num_layers(setup.model)
+
+    @contextlib.contextmanager
+    def metered():
+        start = next(starts)
+        chunk = setup.pairs[start:start + batch_size]
+        with meter.forward(batch=2 * len(chunk), seq_len=max(p.length("both") for p in chunk), layers=n_layers,
+                           lm_head=True) as counted, autocast():
+            yield
+        if setup.sae is not None:
+            counted.extra(sum(len(p.chosen_ids) + len(p.rejected_ids) for p in chunk), setup.sae.d_in, setup.sae.d_sae)
+
+    return metered
 
 
 def build_cache(cfg: TrainConfig, model: Any = None, tokenizer: Any = None, pairs: Sequence[RenderedTriple] | None = None,
@@ -199,130 +209,84 @@ def train(cfg: TrainConfig, model: Any = None, tokenizer: Any = None, pairs: Seq
     accelerator, model, tokenizer, pairs, sae = setup.accelerator, setup.model, setup.tokenizer, setup.pairs, setup.sae
     objective = cfg.objective()
     out_dir = Path(cfg.output)
-    is_main = accelerator.is_main_process
-    _disable_dropout(model)
+    disable_dropout(model)
 
     # -- reference: the offline cache, a frozen copy, or (LoRA) the policy with adapters disabled ----------
     source = cfg.reference_source()
     reference: Reference | None = None
     cache_path = None
+    stage_costs = []
     if source == "cache":
-        reference = _reference_cache(cfg, setup)
+        cache_meter = CostMeter("fpo-reference-cache", model)
+        reference = _reference_cache(cfg, setup, cache_meter)
         cache_path = str(reference.path)
+        if cache_meter.result()["passes"]:  # built in this run, not reused
+            stage_costs.append(cache_meter.result())
     elif source == "model" and not cfg.use_peft:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         reference = ModelReference(ref_model, sae)
 
+    n_layers = num_layers(model)
+    lora = None
     if cfg.use_peft:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                                  target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM"))
+        lora = LoraShape(cfg.lora_r, list(range(n_layers)), cfg.lora_target_modules)
         if source == "model":
             reference = ModelReference(model, sae, disable_adapters=True)
     model.train()
     setup_peak_mb = peak_memory_mb(accelerator.device)
 
-    # -- optimisation ----------------------------------------------------------------------------------
-    from transformers import get_scheduler
+    def micro_batch(index: list[int], ctx: StepContext) -> MicroBatchResult:
+        batch = {k: v.to(ctx.device) for k, v in collate(pairs, index, tokenizer).items()}
+        rows, seq_len = batch["input_ids"].shape
+        sae_product = (int(batch["completion_mask"].sum()), sae.d_in, sae.d_sae) if sae is not None else None
+        with ctx.meter.forward(batch=rows, seq_len=seq_len, layers=n_layers, lm_head=True,
+                               grad="lora" if lora else "full", lora=lora, extra=[sae_product] if sae_product else ()):
+            policy = run_model(ctx.model, batch, sae, keep_logits=objective.needs_logits, hook_model=ctx.unwrapped)
+        ref = None
+        if reference is not None:
+            counted = (ctx.meter.forward(batch=rows, seq_len=seq_len, layers=n_layers, lm_head=True,
+                                         extra=[sae_product] if sae_product else ())
+                       if source == "model" else contextlib.nullcontext())  # the cache runs no pass
+            with counted:
+                ref = reference(batch, objective.needs_logits, objective.needs_sae)
+        out = objective(policy, ref)
+        return MicroBatchResult(out.loss, {"loss": out.losses, **out.metrics()},
+                                {"entropy": (policy.entropy_sum, policy.n_tokens)})
 
-    order = DataOrder(len(pairs), cfg.per_device_train_batch_size, accelerator.num_processes,
-                      cfg.gradient_accumulation_steps, cfg.seed)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else order.steps_per_epoch * cfg.num_train_epochs
-    if total_steps < 1:
-        order.micro_batches(0, 0)  # raises the explanatory error
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    state = {"config": dataclasses.asdict(cfg), "data_fingerprint": pairs_fingerprint(pairs), "n_pairs": len(pairs),
-             "global_micro_batch": order.global_micro, "total_steps": total_steps}
-    start_step = 0
-    if cfg.resume_from_checkpoint:
-        start_step = _load_checkpoint(_resolve_checkpoint(cfg.resume_from_checkpoint, out_dir), model, optimizer,
-                                      scheduler, state)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(wrapped)
-
-    # -- loop ------------------------------------------------------------------------------------------
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _trim_metrics(out_dir / METRICS_FILE, start_step)
-    history: list[dict[str, Any]] = []
-    pending: list[dict[str, float]] = []
-    step_times: list[float] = []
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"{cfg.loss} training", disable=not (cfg.progress and is_main))
-    for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        per_pair: dict[str, list[torch.Tensor]] = {}
-        entropy_sum = torch.zeros((), device=accelerator.device)
-        n_tokens = torch.zeros((), device=accelerator.device)
-        micro_batches = order.micro_batches(step, accelerator.process_index)
-        for micro, index in enumerate(micro_batches):
-            batch = {k: v.to(accelerator.device) for k, v in collate(pairs, index, tokenizer).items()}
-            last = micro == len(micro_batches) - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
-                with accelerator.autocast():
-                    policy = run_model(wrapped, batch, sae, keep_logits=objective.needs_logits, hook_model=unwrapped)
-                    ref = reference(batch, objective.needs_logits, objective.needs_sae) if reference is not None else None
-                    out = objective(policy, ref)
-                accelerator.backward(out.loss / len(micro_batches))
-            for name, value in {"loss": out.losses.detach(), **out.metrics()}.items():
-                per_pair.setdefault(name, []).append(value.float())
-            entropy_sum += policy.entropy_sum.float()
-            n_tokens += policy.n_tokens.float()
-        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        record = {name: accelerator.gather(torch.cat(values)).mean().item() for name, values in per_pair.items()}
-        record["entropy"] = (accelerator.gather(entropy_sum).sum() / accelerator.gather(n_tokens).sum().clamp(min=1)).item()
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
-        record["learning_rate"] = learning_rate
-        step_time = time.perf_counter() - t0
-        step_times.append(step_time)
-        record["time/step_s"] = step_time
-        record["memory/peak_mb"] = accelerator.gather(torch.tensor([peak_memory_mb(accelerator.device)],
-                                                                   device=accelerator.device)).max().item()
-        pending.append(record)
-        done = step + 1
-        if done % cfg.logging_steps == 0 or done == total_steps:
-            row = {"step": done, "epoch": done / max(order.steps_per_epoch, 1),
-                   **{k: sum(r[k] for r in pending) / len(pending) for k in pending[0]}}
-            pending.clear()
-            history.append(row)
-            if is_main:
-                with open(out_dir / METRICS_FILE, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
-        bar.update(1)
-        if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
-            if is_main:
-                _save_checkpoint(out_dir / f"{CHECKPOINT_PREFIX}{done}", unwrapped, optimizer, scheduler, {**state, "step": done})
-            accelerator.wait_for_everyone()
-    bar.close()
+    settings = LoopSettings(
+        stage=cfg.loss, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        per_device_batch_size=cfg.per_device_train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, seed=cfg.seed, logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps, resume_from_checkpoint=cfg.resume_from_checkpoint, progress=cfg.progress,
+        progress_metrics={"loss": "loss", "acc": "rewards/accuracies"})
+    state = {"config": dataclasses.asdict(cfg), "data_fingerprint": pairs_fingerprint(pairs), "n_pairs": len(pairs)}
+    loop = run_loop(accelerator, model, len(pairs), micro_batch, settings, out_dir, state, _RESUMABLE_CHANGES)
+    stage_costs.append(loop.cost)
 
     # -- final model -------------------------------------------------------------------------------------
-    summary = {"loss": cfg.loss, "steps": total_steps, "resumed_from_step": start_step, "n_pairs": len(pairs),
-               "global_batch": order.global_micro * cfg.gradient_accumulation_steps, "world_size": accelerator.num_processes,
+    history = loop.history
+    summary = {"loss": cfg.loss, "steps": loop.total_steps, "resumed_from_step": loop.start_step, "n_pairs": len(pairs),
+               "global_batch": loop.global_batch, "world_size": accelerator.num_processes,
                "mixed_precision": setup.mixed_precision, "reference": source, "ref_cache": cache_path,
-               "mean_step_time_s": sum(step_times) / len(step_times) if step_times else None,
-               "peak_memory_mb": max((r["memory/peak_mb"] for r in history), default=None),
-               "peak_memory_setup_mb": setup_peak_mb,
-               "peak_memory_kind": "cuda max allocated" if accelerator.device.type == "cuda" else "process max RSS",
-               "final": history[-1] if history else None}
+               "mean_step_time_s": loop.mean_step_time_s, "peak_memory_mb": loop.peak_memory_mb,
+               "peak_memory_setup_mb": setup_peak_mb, "peak_memory_kind": peak_memory_kind(accelerator.device),
+               "final": history[-1] if history else None,
+               "cost": combine(cfg.loss, stage_costs) if len(stage_costs) > 1 else stage_costs[0],
+               "cost_by_stage": stage_costs}
     accelerator.wait_for_everyone()
-    if is_main:
-        final = unwrapped.merge_and_unload() if cfg.use_peft else unwrapped
+    if accelerator.is_main_process:
+        final = loop.model.merge_and_unload() if cfg.use_peft else loop.model
         final.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
         write_json(out_dir / "training_config.json", dataclasses.asdict(cfg))
         write_json(out_dir / "train_summary.json", summary)
     accelerator.wait_for_everyone()
-    return TrainResult(out_dir, total_steps, history, summary)
+    return TrainResult(out_dir, loop.total_steps, history, summary)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,73 +308,3 @@ def _load_pairs(cfg: TrainConfig, tokenizer: Any) -> list[RenderedTriple]:
 
     triples = load_triples(cfg.data, cfg.data_role, cfg.split_seed, cfg.n, cfg.seed)
     return render_triples(tokenizer, triples, cfg.system_prompt, cfg.max_length, cfg.max_prompt_length)
-
-
-def _disable_dropout(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: peak allocated tensor memory; CPU: the process's peak resident set size (Linux reports KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _resolve_checkpoint(spec: str, out_dir: Path) -> Path:
-    if spec != "latest":
-        path = Path(spec)
-        if not (path / "trainer_state.json").exists():
-            raise FileNotFoundError(f"{path}: not a complete checkpoint (no trainer_state.json)")
-        return path
-    found = [p for p in out_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").exists()]
-    if not found:
-        raise FileNotFoundError(f"resume_from_checkpoint='latest': no complete checkpoint in {out_dir}")
-    return max(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
-
-
-def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> None:
-    """Trainable weights, optimizer and scheduler state; `trainer_state.json` last marks it complete."""
-    save_tensors(path / "trainable.safetensors", {n: p for n, p in model.named_parameters() if p.requires_grad})
-    with atomic_path(path / "optimizer.pt") as tmp:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
-    write_json(path / "trainer_state.json", state)
-
-
-def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> int:
-    from safetensors.torch import load_file
-
-    saved = read_json(path / "trainer_state.json")
-    diffs = [f"{k}: checkpoint {saved['config'].get(k)!r}, now {v!r}" for k, v in state["config"].items()
-             if k not in _RESUMABLE_CHANGES and saved["config"].get(k) != v]
-    for key in ("data_fingerprint", "global_micro_batch", "total_steps"):
-        if saved[key] != state[key]:
-            diffs.append(f"{key}: checkpoint {saved[key]!r}, now {state[key]!r}")
-    if diffs:
-        raise ValueError(f"{path}: cannot resume exactly, the run differs from the checkpoint ({'; '.join(diffs)})")
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != set(params):
-        raise ValueError(f"{path}: trainable parameters differ from the model's "
-                         f"(missing {sorted(set(params) - set(weights))[:3]}, extra {sorted(set(weights) - set(params))[:3]})")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(weights[name])
-    opt = torch.load(path / "optimizer.pt", map_location=next(model.parameters()).device, weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    log.info("resumed from %s at step %d", path, saved["step"])
-    return int(saved["step"])
-
-
-def _trim_metrics(path: Path, keep_through_step: int) -> None:
-    """On resume, drop logged steps after the checkpoint (they are re-run)."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= keep_through_step]
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(row + "\n" for row in rows))

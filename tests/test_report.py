@@ -143,3 +143,22 @@ def test_record_json_round_trip(tmp_path):
     assert read_results(path) == [record, record]
     assert json.loads(path.read_text())["records"][0]["metrics"]["words"] == {"value": 12.5, "ci95": None, "se": None,
                                                                            "n": None}
+
+
+def test_alignment_cost_from_artifacts_shown_beside_quality(tmp_path):
+    """`recorded_cost` reads what a map, a RepE vector or a trained model recorded; the report shows it per method."""
+    from saealign._io import write_json
+    from saealign.steering import recorded_cost
+
+    cost = {"stage": "dspa fit", "flops": {"forward": 3e12, "backward": 0.0, "total": 3e12}, "wall_seconds": 42.4}
+    write_json(tmp_path / "map" / "config.json", {"kind": "dspa_map", "cost": cost})
+    write_json(tmp_path / "trained" / "train_summary.json", {"cost": {**cost, "stage": "dpo"}})
+    assert recorded_cost(f"dspa:{tmp_path / 'map'}") == cost == recorded_cost(f"static-sae:{tmp_path / 'map'}")
+    assert recorded_cost(str(tmp_path / "trained"))["stage"] == "dpo"
+    assert recorded_cost("base") is None and recorded_cost("prompt-prefix") is None and recorded_cost(None) is None
+    records = [_mc("base", 0.30), result_record("mmlu", "dspa", {"acc": metric(0.31, 0.01)}, ["acc"], {},
+                                                details={"alignment_cost": cost})]
+    write_results(tmp_path / "r" / "results.json", records)
+    table = markdown_table(load_results([tmp_path / "r"])).splitlines()
+    assert table[0].endswith("| alignment FLOPs | alignment wall s |")
+    assert table[2].endswith("| — | — |") and table[3].endswith("| 3e+12 | 42 |")

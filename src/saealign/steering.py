@@ -219,6 +219,21 @@ def load_intervention(path: str | Path, model=None, **options: Any) -> Intervent
     return _loaders()[kind](Path(path), model=model, **options)
 
 
+def recorded_cost(spec: str | None) -> dict[str, Any] | None:
+    """The alignment-stage cost (`saealign.cost`) a method's artifact recorded: a DSPA map's fit (also the
+    cost of static-sae and of the RepE vector it carries), a RepE vector's fit, a trained model's
+    `train_summary.json`. None for the base model, a prompt prefix, a hub model, or an artifact made before
+    costs were recorded; evaluators put it in `details["alignment_cost"]` so `saealign report` shows it."""
+    if not spec:
+        return None
+    kind, _, arg = spec.partition(":")
+    where = Path(arg) if kind in ("dspa", "static-sae", "repe") else Path(spec)
+    for name, key in (("config.json", "cost"), ("train_summary.json", "cost")):
+        if (where / name).is_file():
+            return read_json(where / name).get(key)
+    return None
+
+
 def load_method(spec: str, model=None, **options: Any) -> Intervention | None:
     """A method from a spec string: `base`, `prompt-prefix[:TEXT]`, `dspa:MAP_DIR`, `static-sae:MAP_DIR`,
     `repe:DIR` (a RepE artifact or a DSPA map directory), or a bare artifact directory (its kind is read from its config).
@@ -262,6 +277,11 @@ def load_policy(cfg, model=None, tokenizer=None, intervention=None):
     if intervention is None and cfg.intervention:
         intervention = load_method(cfg.intervention, model=model)  # checked against the model it steers
     return model, tokenizer, intervention
+
+
+def policy_cost(cfg) -> dict[str, Any] | None:
+    """The recorded alignment-stage cost of the policy a config names: its intervention's, else its model's."""
+    return recorded_cost(cfg.intervention) or recorded_cost(cfg.model)
 
 
 def default_name(cfg, model, intervention=None) -> str:

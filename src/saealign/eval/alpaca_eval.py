@@ -51,7 +51,7 @@ from saealign.eval.judged import JudgedBenchmarkConfig
 from saealign.eval.judges import CHAT, LABEL_PROBS, REWARD, Judge, check_judge_config
 from saealign.results import ResultRecord, write_results
 from saealign.stats import Estimate, bootstrap_estimate, mean_estimate, standard_error, wins
-from saealign.steering import default_name, load_policy
+from saealign.steering import default_name, load_policy, policy_cost
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +371,7 @@ def run_alpaca_eval(cfg: AlpacaEvalConfig, model=None, tokenizer=None, intervent
             "subset_seed": cfg.subset_seed, "seeds": cfg.seeds}
     record = ResultRecord("alpaca-eval", name, metrics, ["win_rate", "lc_win_rate"], asdict(cfg), data=data,
                           details={"judge": judge.name, "timings": timings, "alpaca_eval": summary,
+                                   "alignment_cost": policy_cost(cfg),
                                    "n_missing": sum(a["preference"] is None for a in annotations),
                                    "avg_length": float(np.mean([len(a["output_2"]) for a in annotations]))})
     write_results(out / "results.json", [record])

@@ -31,7 +31,7 @@ from saealign.data import read_records, select_subset, stratified_subset
 from saealign.runtime.scoring import SteerPositions, score_requests
 from saealign.results import ResultRecord, read_results, write_results
 from saealign.stats import Estimate, mean_estimate, paired_difference
-from saealign.steering import PolicyOptions, default_name, load_policy, system_prompt_of
+from saealign.steering import PolicyOptions, default_name, load_policy, policy_cost, system_prompt_of
 
 log = logging.getLogger(__name__)
 
@@ -440,7 +440,7 @@ def run_mc(cfg: MCConfig, model=None, tokenizer=None, intervention=None) -> Resu
         items[task] = result["items"]
     headline = [f"{task}/{get_task(task).headline}" for task in cfg.tasks]
     details: dict[str, Any] = {"tasks": tasks, "lm_eval_conventions": LM_EVAL_REFERENCE,
-                               "system_prompt": system_prompt_of(intervention)}
+                               "system_prompt": system_prompt_of(intervention), "alignment_cost": policy_cost(cfg)}
     if cfg.save_items:
         details["items"] = items
     baseline, deltas = None, {}

@@ -35,7 +35,7 @@ from saealign.eval.judged import JudgedBenchmarkConfig
 from saealign.eval.judges import CHAT, CONTINUATIONS, Judge, check_judge_config
 from saealign.results import ResultRecord, write_results
 from saealign.stats import Estimate, mean_estimate
-from saealign.steering import default_name, load_policy
+from saealign.steering import default_name, load_policy, policy_cost
 
 log = logging.getLogger(__name__)
 
@@ -387,6 +387,6 @@ def run_mt_bench(cfg: MTBenchConfig, model=None, tokenizer=None, intervention=No
             "subset_seed": cfg.subset_seed, "seeds": cfg.seeds}
     record = ResultRecord("mt-bench", name, summary.pop("metrics"), ["score", "turn1", "turn2"], asdict(cfg), data=data,
                           details={"judge": judge.name, "answers": str(answer_path), "judgments": str(judgment_path),
-                                   "timings": timings, **summary})
+                                   "timings": timings, "alignment_cost": policy_cost(cfg), **summary})
     write_results(out / "results.json", [record])
     return record

@@ -27,7 +27,7 @@ from saealign.models import ModelOptions
 from saealign.results import ResultRecord, format_estimate, write_results
 from saealign.runtime.scoring import SequenceScores, base_scores_cached, score_triples
 from saealign.stats import N_BOOT, Estimate, mean_estimate, paired_difference, wins
-from saealign.steering import (Intervention, SteeringOptions, load_method, method_kind, method_options,
+from saealign.steering import (Intervention, SteeringOptions, load_method, method_kind, method_options, recorded_cost,
                                split_method_entry)
 
 log = logging.getLogger(__name__)
@@ -157,15 +157,17 @@ def run_pref_eval(cfg: PrefEvalConfig, model=None, tokenizer=None) -> list[Resul
     triples = sample(available, cfg.n, cfg.seed)
     if model is None:
         model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    methods = {}
+    methods, costs = {}, {}
     for entry in cfg.methods:
         name, spec = split_method_entry(entry)
         takes = method_options(method_kind(spec))
         methods[name or spec] = load_method(spec, model=model, **{k: v for k, v in cfg.steering_options().items() if k in takes})
+        costs[name or spec] = recorded_cost(spec)
     result = evaluate_preferences(model, tokenizer, triples, methods, cfg.max_length, cfg.n_boot, cfg.seed)
     provenance = {"source": cfg.data, "role": cfg.data_role, "split_seed": 0, "sample_seed": cfg.seed}
     result = [replace(r, benchmark=f"pref:{cfg.data_role or 'triples'}", config=cfg.__dict__,
-                      data={**r.data, **provenance}) for r in result]
+                      data={**r.data, **provenance}, details={**r.details, "alignment_cost": costs[r.method]})
+              for r in result]
     if cfg.output:
         out = Path(cfg.output)
         write_results(out / "results.json", result)

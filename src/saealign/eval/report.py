@@ -64,16 +64,28 @@ def _ordered(values: Sequence) -> list:
     return list(dict.fromkeys(values))
 
 
+def alignment_costs(results: Sequence[tuple[Path, ResultRecord]]) -> dict[str, dict]:
+    """`{method: cost}` from the alignment-stage cost records carry (`details["alignment_cost"]`, read from
+    the method's artifact by the evaluator)."""
+    return {r.method: r.details["alignment_cost"] for _, r in results if r.details.get("alignment_cost")}
+
+
 def markdown_table(results: Sequence[tuple[Path, ResultRecord]]) -> str:
-    """Methods as rows; each benchmark's headline metrics as columns."""
+    """Methods as rows; each benchmark's headline metrics as columns; the alignment stage's counted FLOPs and
+    wall time beside them when the methods' artifacts recorded them."""
     index = _index(results)
     methods = _ordered([r.method for _, r in results])
     columns = _ordered([(r.benchmark, h) for _, r in results for h in r.headline or list(r.metrics)])
-    header = "| method | " + " | ".join(f"{b} {m}" for b, m in columns) + " |"
-    lines = [header, "|" + "---|" * (len(columns) + 1)]
+    costs = alignment_costs(results)
+    cost_header = " alignment FLOPs | alignment wall s |" if costs else ""
+    header = "| method | " + " | ".join(f"{b} {m}" for b, m in columns) + " |" + cost_header
+    lines = [header, "|" + "---|" * (len(columns) + 1 + 2 * bool(costs))]
     for method in methods:
         cells = [format_estimate(index[(method, b)].metrics.get(m) if (method, b) in index else None)
                  for b, m in columns]
+        if costs:
+            cost = costs.get(method)
+            cells += [f"{cost['flops']['total']:.3g}", f"{cost['wall_seconds']:.0f}"] if cost else ["—", "—"]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

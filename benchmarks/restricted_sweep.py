@@ -97,8 +97,10 @@ def main() -> None:
 
     def record(key: str, method: str, n: str, triples: int, scores, cost: dict, started: float) -> None:
         metrics = preference_metrics(scores, base)
-        runs[key] = {"method": method, "n": n, "triples": triples, "metrics": {k: v.to_json() for k, v in metrics.items()}, "cost": cost,
-                     "eval_seconds": round(time.time() - started, 1)}
+        runs[key] = {"method": method, "n": n, "triples": triples, "metrics": {k: v.to_json() for k, v in metrics.items()},
+                     "cost": cost, "eval_seconds": round(time.time() - started, 1)}
+        if args.output.exists():  # another sweep process (other methods) may have written since: keep its runs
+            runs.update({k: v for k, v in read_json(args.output)["runs"].items() if k not in runs})
         write_json(args.output, result)
         acc = metrics["reward_acc"]
         print(f"{key}: reward acc {100 * acc.value:.1f} [{100 * acc.ci95[0]:.1f}, {100 * acc.ci95[1]:.1f}], "

@@ -153,6 +153,7 @@ def test_alignment_cost_from_artifacts_shown_beside_quality(tmp_path):
     cost = {"stage": "dspa fit", "flops": {"forward": 3e12, "backward": 0.0, "total": 3e12}, "wall_seconds": 42.4}
     write_json(tmp_path / "map" / "config.json", {"kind": "dspa_map", "cost": cost})
     write_json(tmp_path / "trained" / "train_summary.json", {"cost": {**cost, "stage": "dpo"}})
+    write_json(tmp_path / "trained" / "config.json", {"model_type": "llama"})  # the model's own config
     assert recorded_cost(f"dspa:{tmp_path / 'map'}") == cost == recorded_cost(f"static-sae:{tmp_path / 'map'}")
     assert recorded_cost(str(tmp_path / "trained"))["stage"] == "dpo"
     assert recorded_cost("base") is None and recorded_cost("prompt-prefix") is None and recorded_cost(None) is None

@@ -228,9 +228,9 @@ def recorded_cost(spec: str | None) -> dict[str, Any] | None:
         return None
     kind, _, arg = spec.partition(":")
     where = Path(arg) if kind in ("dspa", "static-sae", "repe") else Path(spec)
-    for name, key in (("config.json", "cost"), ("train_summary.json", "cost")):
-        if (where / name).is_file():
-            return read_json(where / name).get(key)
+    for name in ("config.json", "train_summary.json"):  # a trained model's config.json is the model's, without one
+        if (where / name).is_file() and (cost := read_json(where / name).get("cost")):
+            return cost
     return None
 
 

@@ -1,4 +1,4 @@
-"""`saealign sae train | eval | info`."""
+"""`saealign sae train | suite | eval | info`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from saealign._io import read_json
 from saealign.cli import sae_app
 from saealign.cli._config import config_command
 from saealign.sae.evaluate import SAEEvalConfig, run_sae_eval
+from saealign.sae.suite import SAESuiteConfig, run_suite
 from saealign.sae.train import SAETrainConfig, train_saes
 
 console = Console()
@@ -24,6 +25,21 @@ def train(cfg: SAETrainConfig) -> None:
     for layer, path in results.items():
         meta = read_json(path / "cfg.json")["metadata"]
         console.print(f"layer {layer}: saved to {path}  held-out {meta['heldout_activation_metrics']}")
+
+
+@config_command(sae_app, "suite", SAESuiteConfig, required=("data", "output"))
+def suite(cfg: SAESuiteConfig) -> None:
+    """Train, score and cache the SAE suite (generic and preference-domain TopK SAEs at several depths); resumable."""
+    report = run_suite(cfg)
+    table = Table(title=f"SAE suite in {cfg.output}: {len(report['saes'])} SAEs, {report['total_seconds']:.0f} s")
+    for col in ("SAE", "FVU", "L0", "dead %", "loss increase (nats)", "bar"):
+        table.add_column(col)
+    for row in report["saes"]:
+        m = row["metrics"]
+        table.add_row(row["name"], f"{m['fvu']:.3f}", f"{m['l0']:.1f}", f"{100 * m['dead_fraction']:.1f}",
+                      f"{m['loss_increase']:.3f}", "pass" if row["passes"] else "fails")
+    console.print(table)
+    console.print(f"written: {cfg.output}/suite.json, {cfg.output}/suite.md")
 
 
 @config_command(sae_app, "eval", SAEEvalConfig, required=("corpus",))

@@ -156,16 +156,16 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (by_n, by_flops) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method in dict.fromkeys(r["method"] for r in result["runs"].values()):
+    for k, method in enumerate(dict.fromkeys(r["method"] for r in result["runs"].values())):
         rows = sorted((r for r in result["runs"].values() if r["method"] == method), key=lambda r: _as_number(r["n"]))
-        ns = [r["triples"] for r in rows]
+        ns = [r["triples"] * 1.04 ** k for r in rows]  # nudged apart: methods share the N values
         acc = [100 * r["metrics"]["reward_acc"]["value"] for r in rows]
         err = [[a - 100 * r["metrics"]["reward_acc"]["ci95"][0] for a, r in zip(acc, rows)],
                [100 * r["metrics"]["reward_acc"]["ci95"][1] - a for a, r in zip(acc, rows)]]
         flops = [r["cost"]["flops"]["total"] for r in rows]
         by_n.errorbar(ns, acc, yerr=err, marker="o", capsize=3, label=method)
         by_flops.errorbar(flops, acc, yerr=err, marker="o", capsize=3, label=method)
-    for ax, label in ((by_n, "N (fit-pool triples)"), (by_flops, "alignment-stage FLOPs (counted)")):
+    for ax, label in ((by_n, "N (fit-pool triples; methods nudged apart)"), (by_flops, "alignment-stage FLOPs (counted)")):
         ax.set_xscale("log")
         ax.axhline(50, color="grey", lw=0.8, ls="--")
         ax.set_xlabel(label)

@@ -55,6 +55,11 @@ class ConfigError(ValueError):
         self.field, self.problem = field, problem
 
 
+def option(text: str, **bounds: float) -> dict[str, Any]:
+    """A config field's metadata: its help text and the bounds `check_config` enforces (ge=, gt=, le=, lt=)."""
+    return {"help": text, **bounds}
+
+
 def literal_choices(tp: Any) -> tuple[Any, ...]:
     """The allowed values of a `Literal` type, looking through `| None` and `list[...]`; () for other types."""
     origin = typing.get_origin(tp)

@@ -38,15 +38,14 @@ import torch
 import torch.nn.functional as F
 
 from saealign._io import read_json, text_fingerprint, write_json
-from saealign.config import check_config
+from saealign.config import check_config, option
 from saealign.cost import LoraShape, combine
 from saealign.data import RenderedTriple, collate_pairs, render_triples
 from saealign.fpo.losses import completion_logps
 from saealign.fpo.trainer import load_triples
 from saealign.hooks import StopForward, attach, num_layers, read_residuals
-from saealign.models import DEFAULT_MODEL
-from saealign.training import (LoopResult, LoopSettings, MicroBatchResult, StepContext, disable_dropout,
-                               latest_checkpoint, make_accelerator, resume_mismatch, run_loop)
+from saealign.training import (LoopResult, LoopSettings, MicroBatchResult, StepContext, TrainingOptions,
+                               disable_dropout, latest_checkpoint, make_accelerator, resume_mismatch, run_loop)
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +58,8 @@ STEP1_DONE = "summary.json"  # in OUTPUT/step1, written last: step 1 is finished
 STEP1_MODEL = "model"  # in OUTPUT/step1
 
 
-def _help(text: str, **bounds: float) -> dict[str, Any]:
-    """Field metadata: the flag's help text and the bounds `check_config` enforces (ge=, gt=, le=, lt=)."""
-    return {"help": text, **bounds}
-
-
 @dataclass
-class RAHFConfig:
+class RAHFConfig(TrainingOptions):
     """RAHF-SCIT. Defaults are the reference recipe scaled to SmolLM2-135M (30 layers): step 1 as instruction
     tuning of a small model usually runs (lr 2e-5, 2 epochs, 16 examples per step); step 2 as the reference
     (LoRA r 8 / alpha 16 on q and v, lr 3e-4 constant, 64 examples per step, a = 5) with its target layers
@@ -73,67 +67,46 @@ class RAHFConfig:
     of its 450 steps (which were sized to its data). Field names follow TRL's `SFTConfig`/`DPOConfig` with a
     step1_/step2_ prefix where the two steps differ, and `saealign.config.GLOSSARY`."""
 
-    model: str = field(default=DEFAULT_MODEL, metadata=_help("model alias, local directory or hub id"))
-    data: str | None = field(default=None, metadata=_help(
-        "preference data: a file or HF dataset saealign.data reads, or the shared data root with --data-role"))
-    data_role: str | None = field(default=None, metadata=_help(
-        "with --data DIR: an HH-RLHF role of SPLITS.md (fit | validation | test_helpful | test_harmless)"))
-    split_seed: int = field(default=0, metadata=_help("seed of the HH-RLHF fit/validation split"))
-    n: int | None = field(default=None, metadata=_help(
-        "train on a seeded nested uniform draw of this many triples (saealign.data.restrict; default: all)", ge=1))
-    output: str = field(default="runs/rahf", metadata=_help(
+    output: str = field(default="runs/rahf", metadata=option(
         "where the model, training_config.json, train_summary.json and step1/, step2/ (metrics.jsonl, checkpoints) go"))
-    max_length: int = field(default=384, metadata=_help(
+    max_length: int = field(default=384, metadata=option(
         "tokens per input (instruction + prompt + response): the response is cut to fit the longest of the three "
         "prompts, and a triple whose prompts leave no room is dropped (cutting the prompt would cut the instruction)",
         ge=2))
-    scit_epsilon: float = field(default=0.2, metadata=_help(
+    scit_epsilon: float = field(default=0.2, metadata=option(
         "step 1: weight eps of -log q_mismatched in the contrastive term (label smoothing)", ge=0, le=1))
-    step1_learning_rate: float = field(default=2e-5, metadata=_help("step 1: peak learning rate", gt=0))
-    step1_lr_scheduler_type: str = field(default="linear", metadata=_help("step 1: any transformers scheduler name"))
-    step1_warmup_ratio: float = field(default=0.1, metadata=_help("step 1: fraction of the steps spent warming up",
+    step1_learning_rate: float = field(default=2e-5, metadata=option("step 1: peak learning rate", gt=0))
+    step1_lr_scheduler_type: str = field(default="linear", metadata=option("step 1: any transformers scheduler name"))
+    step1_warmup_ratio: float = field(default=0.1, metadata=option("step 1: fraction of the steps spent warming up",
                                                                   ge=0, le=1))
-    step1_num_train_epochs: int = field(default=2, metadata=_help("step 1: passes over the examples (2 per triple)", ge=1))
-    step1_max_steps: int = field(default=-1, metadata=_help("step 1: > 0 overrides step1_num_train_epochs"))
-    step1_per_device_train_batch_size: int = field(default=2, metadata=_help(
+    step1_num_train_epochs: int = field(default=2, metadata=option("step 1: passes over the examples (2 per triple)", ge=1))
+    step1_max_steps: int = field(default=-1, metadata=option("step 1: > 0 overrides step1_num_train_epochs"))
+    step1_per_device_train_batch_size: int = field(default=2, metadata=option(
         "step 1: examples per micro-batch (each runs twice: matched and mismatched instruction)", ge=1))
-    step1_gradient_accumulation_steps: int = field(default=8, metadata=_help(
+    step1_gradient_accumulation_steps: int = field(default=8, metadata=option(
         "step 1: micro-batches per optimizer step", ge=1))
-    step1_use_peft: bool = field(default=False, metadata=_help("step 1: train a LoRA adapter (merged) instead of all weights"))
-    step1_lora_r: int = field(default=16, metadata=_help("step 1 with --step1-use-peft: LoRA rank", ge=1))
-    step1_lora_alpha: int = field(default=32, metadata=_help("step 1 with --step1-use-peft: LoRA scaling numerator", ge=1))
+    step1_use_peft: bool = field(default=False, metadata=option("step 1: train a LoRA adapter (merged) instead of all weights"))
+    step1_lora_r: int = field(default=16, metadata=option("step 1 with --step1-use-peft: LoRA rank", ge=1))
+    step1_lora_alpha: int = field(default=32, metadata=option("step 1 with --step1-use-peft: LoRA scaling numerator", ge=1))
     step1_lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        metadata=_help("step 1 with --step1-use-peft: module names LoRA adapts (repeat the flag)"))
-    target_layers: list[int] = field(default_factory=lambda: [9, 11, 13, 15, 17], metadata=_help(
+        metadata=option("step 1 with --step1-use-peft: module names LoRA adapts (repeat the flag)"))
+    target_layers: list[int] = field(default_factory=lambda: [9, 11, 13, 15, 17], metadata=option(
         "step 2: residual layers (outputs of decoder blocks) whose hidden states are aligned (repeat the flag)", ge=0))
-    target_scale: float = field(default=5.0, metadata=_help("step 2: a in h* = h_orig + a (h_pos - h_neg)", gt=0))
-    responses: Literal["chosen", "both"] = field(default="both", metadata=_help(
+    target_scale: float = field(default=5.0, metadata=option("step 2: a in h* = h_orig + a (h_pos - h_neg)", gt=0))
+    responses: Literal["chosen", "both"] = field(default="both", metadata=option(
         "step 2: the responses whose hidden states are aligned: chosen | both"))
-    step2_learning_rate: float = field(default=3e-4, metadata=_help("step 2: learning rate", gt=0))
-    step2_lr_scheduler_type: str = field(default="constant", metadata=_help("step 2: any transformers scheduler name"))
-    step2_num_train_epochs: int = field(default=1, metadata=_help("step 2: passes over the examples", ge=1))
-    step2_max_steps: int = field(default=-1, metadata=_help("step 2: > 0 overrides step2_num_train_epochs"))
-    step2_per_device_train_batch_size: int = field(default=8, metadata=_help("step 2: examples per micro-batch", ge=1))
-    step2_gradient_accumulation_steps: int = field(default=8, metadata=_help(
+    step2_learning_rate: float = field(default=3e-4, metadata=option("step 2: learning rate", gt=0))
+    step2_lr_scheduler_type: str = field(default="constant", metadata=option("step 2: any transformers scheduler name"))
+    step2_num_train_epochs: int = field(default=1, metadata=option("step 2: passes over the examples", ge=1))
+    step2_max_steps: int = field(default=-1, metadata=option("step 2: > 0 overrides step2_num_train_epochs"))
+    step2_per_device_train_batch_size: int = field(default=8, metadata=option("step 2: examples per micro-batch", ge=1))
+    step2_gradient_accumulation_steps: int = field(default=8, metadata=option(
         "step 2: micro-batches per optimizer step", ge=1))
-    step2_lora_r: int = field(default=8, metadata=_help("step 2: LoRA rank", ge=1))
-    step2_lora_alpha: int = field(default=16, metadata=_help("step 2: LoRA scaling numerator", ge=1))
-    step2_lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata=_help(
+    step2_lora_r: int = field(default=8, metadata=option("step 2: LoRA rank", ge=1))
+    step2_lora_alpha: int = field(default=16, metadata=option("step 2: LoRA scaling numerator", ge=1))
+    step2_lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata=option(
         "step 2: module names LoRA adapts in layers 0..max(target_layers) (repeat the flag)"))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay (both steps)", ge=0))
-    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm, both steps (0: no clipping)", ge=0))
-    seed: int = field(default=42, metadata=_help(
-        "seed of the --n draw, the data orders and all torch randomness (accelerate's set_seed)"))
-    logging_steps: int = field(default=1, metadata=_help("log every K optimizer steps", ge=1))
-    save_steps: int = field(default=0, metadata=_help("checkpoint every K optimizer steps of each step (0: none)", ge=0))
-    resume_from_checkpoint: str | None = field(default=None, metadata=_help(
-        "'latest' (continue the run in --output where it stopped; a finished step 1 is skipped) or a checkpoint "
-        "directory in OUTPUT/step1 or OUTPUT/step2"))
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata=_help(
-        "auto | no | bf16 | fp16; auto = bf16 on CUDA when supported"))
-    device: str | None = field(default=None, metadata=_help("cpu forces CPU; default: what accelerate picks"))
-    progress: bool = field(default=True, metadata=_help("show progress bars"))
 
     def __post_init__(self) -> None:
         check_config(self)

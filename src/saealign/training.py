@@ -21,19 +21,49 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from saealign._io import atomic_path, read_json, save_tensors, write_json
+from saealign.config import option
 from saealign.cost import CostMeter, peak_memory_mb
+from saealign.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 METRICS_FILE = "metrics.jsonl"
 TRAINER_STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainingOptions:
+    """What every trainer's config shares (FPO and its sibling losses, RAHF-SCIT): the model, the preference
+    data and its draw, and how a run is kept (seed, checkpoints, resume, precision, device, progress)."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata=option("model alias, local directory or hub id"))
+    data: str | None = field(default=None, metadata=option(
+        "preference data: a file or HF dataset saealign.data reads, or the shared data root with --data-role"))
+    data_role: str | None = field(default=None, metadata=option(
+        "with --data DIR: an HH-RLHF role of SPLITS.md (fit | validation | test_helpful | test_harmless)"))
+    split_seed: int = field(default=0, metadata=option("seed of the HH-RLHF fit/validation split"))
+    n: int | None = field(default=None, metadata=option(
+        "train on a seeded nested uniform draw of this many triples (saealign.data.restrict; default: all)", ge=1))
+    output: str = field(default="runs/train", metadata=option("where the model, checkpoints and metrics.jsonl go"))
+    weight_decay: float = field(default=0.0, metadata=option("AdamW weight decay", ge=0))
+    max_grad_norm: float = field(default=1.0, metadata=option("gradient clipping norm (0: no clipping)", ge=0))
+    seed: int = field(default=42, metadata=option(
+        "seed of the --n draw, the data order and all torch randomness (accelerate's set_seed)"))
+    logging_steps: int = field(default=1, metadata=option("log every K optimizer steps", ge=1))
+    save_steps: int = field(default=0, metadata=option("checkpoint every K optimizer steps (0: none)", ge=0))
+    resume_from_checkpoint: str | None = field(default=None, metadata=option(
+        "a checkpoint directory, or 'latest': continue the run in --output where it stopped"))
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata=option(
+        "auto | no | bf16 | fp16; auto = bf16 on CUDA when supported"))
+    device: str | None = field(default=None, metadata=option("cpu forces CPU; default: what accelerate picks"))
+    progress: bool = field(default=True, metadata=option("show progress bars"))
 
 
 @dataclass

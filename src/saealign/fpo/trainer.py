@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 from saealign._io import write_json
-from saealign.config import check_config
+from saealign.config import check_config, option
 from saealign.cost import CostMeter, LoraShape, combine, peak_memory_kind, peak_memory_mb
 from saealign.data import RenderedTriple
 from saealign.fpo import losses as L
@@ -33,69 +33,47 @@ from saealign.fpo.batching import collate, pairs_fingerprint
 from saealign.fpo.cache import ReferenceCache, load_or_build
 from saealign.fpo.objective import ModelReference, Objective, Reference, run_model
 from saealign.hooks import num_layers
-from saealign.models import DEFAULT_MODEL
 from saealign.training import METRICS_FILE  # noqa: F401  (re-exported: where the metrics of a run are)
-from saealign.training import (LoopSettings, MicroBatchResult, StepContext, disable_dropout, make_accelerator,
-                               run_loop)
-
-
-def _help(text: str, **bounds: float) -> dict[str, Any]:
-    """Field metadata: the flag's help text and the bounds `check_config` enforces (ge=, gt=, le=, lt=)."""
-    return {"help": text, **bounds}
+from saealign.training import (LoopSettings, MicroBatchResult, StepContext, TrainingOptions, disable_dropout,
+                               make_accelerator, run_loop)
 
 
 Loss = Literal[L.LOSSES]
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(TrainingOptions):
     """Preference training; field names follow TRL's `DPOConfig` where they overlap, except the names of
     `saealign.config.GLOSSARY` (output, n, split_seed, progress), which every command shares."""
 
-    loss: Loss = field(default="fpo", metadata=_help("preference loss"))
-    model: str = field(default=DEFAULT_MODEL, metadata=_help("model alias, local directory or hub id"))
-    data: str | None = field(default=None, metadata=_help(
-        "preference data: a file or HF dataset saealign.data reads, or the shared data root with --data-role"))
-    data_role: str | None = field(default=None, metadata=_help(
-        "with --data DIR: an HH-RLHF role of SPLITS.md (fit | validation | test_helpful | test_harmless)"))
-    split_seed: int = field(default=0, metadata=_help("seed of the HH-RLHF fit/validation split"))
-    sae: str | None = field(default=None, metadata=_help("SAE for FPO (path or spec); default: the shipped late-layer SAE"))
-    output: str = field(default="runs/fpo", metadata=_help("where the model, checkpoints and metrics.jsonl go"))
-    n: int | None = field(default=None, metadata=_help("train on a seeded nested uniform draw of this many pairs (saealign.data.restrict; default: all)", ge=1))
-    beta: float | None = field(default=None, metadata=_help("default per loss: 0.1 (fpo, dpo, tdpo), 2.0 (simpo)", gt=0))
-    simpo_gamma: float = field(default=0.5, metadata=_help("SimPO target margin"))
-    fpo_alpha: float = field(default=0.5, metadata=_help("FPO weight of the feature-MSE term", ge=0))
-    fpo_topk: int = field(default=50, metadata=_help("FPO k of the top-k latent set", ge=1))
-    fpo_topk_union: bool = field(default=True, metadata=_help("FPO: unite policy and reference top-k (else policy only)"))
-    tdpo_alpha: float = field(default=0.5, metadata=_help("TDPO-2 weight of the sequential-KL term", ge=0))
-    reference: Literal["auto", "cache", "model"] = field(default="auto", metadata=_help(
+    loss: Loss = field(default="fpo", metadata=option("preference loss"))
+    sae: str | None = field(default=None, metadata=option("SAE for FPO (path or spec); default: the shipped late-layer SAE"))
+    output: str = field(default="runs/fpo", metadata=option("where the model, checkpoints and metrics.jsonl go"))
+    beta: float | None = field(default=None, metadata=option("default per loss: 0.1 (fpo, dpo, tdpo), 2.0 (simpo)", gt=0))
+    simpo_gamma: float = field(default=0.5, metadata=option("SimPO target margin"))
+    fpo_alpha: float = field(default=0.5, metadata=option("FPO weight of the feature-MSE term", ge=0))
+    fpo_topk: int = field(default=50, metadata=option("FPO k of the top-k latent set", ge=1))
+    fpo_topk_union: bool = field(default=True, metadata=option("FPO: unite policy and reference top-k (else policy only)"))
+    tdpo_alpha: float = field(default=0.5, metadata=option("TDPO-2 weight of the sequential-KL term", ge=0))
+    reference: Literal["auto", "cache", "model"] = field(default="auto", metadata=option(
         "auto | cache | model: where reference values come from; auto = cache for fpo, a live model for dpo/tdpo"))
-    ref_cache: str | None = field(default=None, metadata=_help("reference cache directory (default: keyed in the saealign cache)"))
-    learning_rate: float = field(default=1e-6, metadata=_help("peak learning rate", gt=0))
-    lr_scheduler_type: str = field(default="linear", metadata=_help("any transformers scheduler name"))
-    warmup_ratio: float = field(default=0.1, metadata=_help("fraction of the steps spent warming up", ge=0, le=1))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay", ge=0))
-    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0: no clipping)", ge=0))
-    per_device_train_batch_size: int = field(default=2, metadata=_help("pairs per device and micro-batch", ge=1))
-    gradient_accumulation_steps: int = field(default=4, metadata=_help("micro-batches per optimizer step", ge=1))
-    num_train_epochs: int = field(default=1, metadata=_help("passes over the pairs", ge=1))
-    max_steps: int = field(default=-1, metadata=_help("> 0 overrides num_train_epochs"))
-    max_length: int = field(default=512, metadata=_help("cap on prompt + response tokens", ge=1))
-    max_prompt_length: int = field(default=256, metadata=_help("prompt tokens kept (from the end) when a pair is too long", ge=1))
-    system_prompt: str | None = field(default=None, metadata=_help("system turn put before every prompt when pairs are rendered (default: none)"))
-    seed: int = field(default=42, metadata=_help("seed of the --n draw, the data order and all torch randomness (accelerate's set_seed)"))
-    logging_steps: int = field(default=1, metadata=_help("log every K optimizer steps", ge=1))
-    save_steps: int = field(default=0, metadata=_help("checkpoint every K optimizer steps (0: none)", ge=0))
-    resume_from_checkpoint: str | None = field(default=None, metadata=_help("a checkpoint directory, or 'latest' in --output"))
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata=_help("auto | no | bf16 | fp16; auto = bf16 on CUDA when supported"))
-    use_peft: bool = field(default=False, metadata=_help("train a LoRA adapter (merged into the saved model)"))
-    lora_r: int = field(default=16, metadata=_help("LoRA rank", ge=1))
-    lora_alpha: int = field(default=32, metadata=_help("LoRA scaling numerator", ge=1))
+    ref_cache: str | None = field(default=None, metadata=option("reference cache directory (default: keyed in the saealign cache)"))
+    learning_rate: float = field(default=1e-6, metadata=option("peak learning rate", gt=0))
+    lr_scheduler_type: str = field(default="linear", metadata=option("any transformers scheduler name"))
+    warmup_ratio: float = field(default=0.1, metadata=option("fraction of the steps spent warming up", ge=0, le=1))
+    per_device_train_batch_size: int = field(default=2, metadata=option("pairs per device and micro-batch", ge=1))
+    gradient_accumulation_steps: int = field(default=4, metadata=option("micro-batches per optimizer step", ge=1))
+    num_train_epochs: int = field(default=1, metadata=option("passes over the pairs", ge=1))
+    max_steps: int = field(default=-1, metadata=option("> 0 overrides num_train_epochs"))
+    max_length: int = field(default=512, metadata=option("cap on prompt + response tokens", ge=1))
+    max_prompt_length: int = field(default=256, metadata=option("prompt tokens kept (from the end) when a pair is too long", ge=1))
+    system_prompt: str | None = field(default=None, metadata=option("system turn put before every prompt when pairs are rendered (default: none)"))
+    use_peft: bool = field(default=False, metadata=option("train a LoRA adapter (merged into the saved model)"))
+    lora_r: int = field(default=16, metadata=option("LoRA rank", ge=1))
+    lora_alpha: int = field(default=32, metadata=option("LoRA scaling numerator", ge=1))
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                           metadata=_help("module names LoRA adapts (repeat the flag)"))
-    ref_batch_size: int = field(default=4, metadata=_help("batch size of the reference-cache pass", ge=1))
-    device: str | None = field(default=None, metadata=_help("cpu forces CPU; default: what accelerate picks"))
-    progress: bool = field(default=True, metadata=_help("show progress bars"))
+                                           metadata=option("module names LoRA adapts (repeat the flag)"))
+    ref_batch_size: int = field(default=4, metadata=option("batch size of the reference-cache pass", ge=1))
 
     def __post_init__(self) -> None:
         check_config(self)

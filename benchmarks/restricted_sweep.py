@@ -127,7 +127,8 @@ def main() -> None:
             scores = score_triples(policy, tok, test, None, args.max_length, desc=f"score {method} N={n}")
             del policy
             summary = read_json(out / "train_summary.json")
-            record(f"{method}@{n}", method, n, summary["n_pairs"], scores, summary["cost"], started)
+            trained_on = summary["n_pairs"] if method == "dpo" else summary["n_triples"]
+            record(f"{method}@{n}", method, n, trained_on, scores, summary["cost"], started)
     plot(result, args.output.with_suffix(".png"))
     args.output.with_suffix(".md").write_text(table(result))
 

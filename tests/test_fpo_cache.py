@@ -103,3 +103,17 @@ def test_dpo_run_may_use_a_cache_built_with_an_sae(setup, tmp_path):
     C.load_or_build(model, tok, pairs, sae, path=path, show_progress=False)
     cache = C.load_or_build(model, tok, pairs, None, path=path)
     assert cache.has_activations
+
+
+def test_cache_build_is_counted_pass_by_pass(setup):
+    """With a meter, each batch's reference pass (SAE encoder included) is counted and modelled alike."""
+    from saealign.cost import CostMeter
+
+    model, tok, sae, pairs = setup
+    meter = CostMeter("fpo-reference-cache", model)
+    C.build_reference_cache(model, tok, pairs, C.cache_key(model, pairs, sae, "float32"), sae, batch_size=4,
+                            show_progress=False, meter=meter)
+    cost = meter.result()
+    assert cost["passes"] == 2  # 6 pairs in batches of 4
+    assert cost["flops"]["forward"] > 0 and cost["flops"]["backward"] == 0
+    assert cost["analytic_over_counted"] == pytest.approx(1.0, rel=0.02)

@@ -27,9 +27,11 @@ import torch
 from tqdm.auto import tqdm
 
 from saealign._io import cache_dir, read_json, save_tensors, tensor_fingerprint, write_json
+from saealign.cost import CostMeter, measured
 from saealign.data import RenderedTriple
 from saealign.fpo.batching import collate, pairs_fingerprint
 from saealign.fpo.objective import ReferenceOutput, run_model
+from saealign.hooks import num_layers
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +159,10 @@ def check_key(found: CacheKey, expected: CacheKey, where: Path | str) -> None:
 def build_reference_cache(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[RenderedTriple], key: CacheKey,
                           sae: Any = None, batch_size: int = 4, device: torch.device | str | None = None,
                           autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-                          show_progress: bool = True) -> ReferenceCache:
-    """One teacher-forced pass of the reference over every pair."""
+                          show_progress: bool = True, meter: CostMeter | None = None) -> ReferenceCache:
+    """One teacher-forced pass of the reference over every pair (each batch's pass counted by `meter`)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    n_layers = num_layers(model)
     was_training = model.training
     model.eval()
     logps = torch.zeros(len(pairs), 2)
@@ -169,8 +172,10 @@ def build_reference_cache(model: torch.nn.Module, tokenizer: Any, pairs: Sequenc
     for start in tqdm(starts, desc="reference cache", disable=not show_progress):
         index = list(range(start, min(start + batch_size, len(pairs))))
         batch = {k: v.to(device) for k, v in collate(pairs, index, tokenizer).items()}
-        with autocast():
+        with measured(meter, *batch["input_ids"].shape, layers=n_layers, lm_head=True) as counted, autocast():
             out = run_model(model, batch, sae)
+        if sae is not None:
+            counted.extra(int(batch["completion_mask"].sum()), sae.d_in, sae.d_sae)
         b = len(index)
         seq = out.token_logps.sum(-1).float().cpu()
         lens = out.mask.sum(-1).long().cpu()

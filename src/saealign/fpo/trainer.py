@@ -22,7 +22,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from saealign._io import write_json
 from saealign.config import check_config, option
@@ -146,32 +146,11 @@ def _reference_cache(cfg: TrainConfig, setup: _Setup, meter: CostMeter | None = 
     """Load or build the cache with the initial policy (= the reference); rank 0 builds, the others load.
     With `meter`, every pass of a build is counted."""
     acc = setup.accelerator
-    autocast = acc.autocast if meter is None else _metered_autocast(acc.autocast, meter, setup, cfg.ref_batch_size)
     with acc.main_process_first():
         return load_or_build(setup.model, setup.tokenizer, setup.pairs, setup.sae, cfg.ref_cache,
                              dtype=f"{setup.model.dtype}-{setup.mixed_precision}".replace("torch.", ""),
-                             batch_size=cfg.ref_batch_size, device=acc.device, autocast=autocast,
-                             show_progress=cfg.progress and acc.is_main_process)
-
-
-def _metered_autocast(autocast: Callable[[], Any], meter: CostMeter, setup: _Setup,
-                      batch_size: int) -> Callable[[], Any]:
-    """The builder enters `autocast()` once around each batch's pass, batches being consecutive runs of
-    `batch_size` pairs in order; so each entry is that batch's pass, described to the meter."""
-    starts = iter(range(0, len(setup.pairs), batch_size))
-    n_layers = num_layers(setup.model)
-
-    @contextlib.contextmanager
-    def metered():
-        start = next(starts)
-        chunk = setup.pairs[start:start + batch_size]
-        with meter.forward(batch=2 * len(chunk), seq_len=max(p.length("both") for p in chunk), layers=n_layers,
-                           lm_head=True) as counted, autocast():
-            yield
-        if setup.sae is not None:
-            counted.extra(sum(len(p.chosen_ids) + len(p.rejected_ids) for p in chunk), setup.sae.d_in, setup.sae.d_sae)
-
-    return metered
+                             batch_size=cfg.ref_batch_size, device=acc.device, autocast=acc.autocast,
+                             show_progress=cfg.progress and acc.is_main_process, meter=meter)
 
 
 def build_cache(cfg: TrainConfig, model: Any = None, tokenizer: Any = None, pairs: Sequence[RenderedTriple] | None = None,

@@ -278,10 +278,11 @@ def edit_residual(model: nn.Module, layer: int, fn: LayerFn, positions: Position
     return attach(model, {layer: fn}, positions, site)
 
 
-@torch.no_grad()
 def read_residuals(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   layers: list[int] | tuple[int, ...] = (), site: Site = "resid_post") -> dict[int, torch.Tensor]:
-    """Residual streams at `layers` for one batch, stopping the forward after the last one needed."""
+                   layers: list[int] | tuple[int, ...] = (), site: Site = "resid_post",
+                   grad: bool = False) -> dict[int, torch.Tensor]:
+    """Residual streams at `layers` for one batch, stopping the forward after the last one needed; without
+    gradients unless `grad` (then in the autograd graph, for a loss on hidden states)."""
     if not layers:
         raise ValueError("read_residuals needs at least one layer")
     captured: dict[int, torch.Tensor] = {}
@@ -289,12 +290,12 @@ def read_residuals(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
 
     def reader(layer: int) -> LayerFn:
         def fn(hidden: torch.Tensor, ctx: CallContext) -> None:
-            captured[layer] = hidden.detach()
+            captured[layer] = hidden if grad else hidden.detach()
             if layer == last:
                 raise StopForward
         return fn
 
-    with attach(model, {layer: reader(layer) for layer in sorted(set(layers))}, "all", site):
+    with attach(model, {layer: reader(layer) for layer in sorted(set(layers))}, "all", site), torch.set_grad_enabled(grad):
         try:
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except StopForward:

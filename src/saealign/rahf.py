@@ -43,7 +43,7 @@ from saealign.cost import LoraShape, combine
 from saealign.data import RenderedTriple, collate_pairs, render_triples
 from saealign.fpo.losses import completion_logps
 from saealign.fpo.trainer import load_triples
-from saealign.hooks import StopForward, attach, num_layers, read_residuals
+from saealign.hooks import num_layers, read_residuals
 from saealign.training import (LoopResult, LoopSettings, MicroBatchResult, StepContext, TrainingOptions,
                                disable_dropout, latest_checkpoint, make_accelerator, resume_mismatch, run_loop)
 
@@ -258,27 +258,6 @@ def response_positions(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch
     return response_mask.nonzero(as_tuple=True)
 
 
-def residuals_with_grad(model: torch.nn.Module, batch: dict[str, torch.Tensor], layers: Sequence[int]
-                        ) -> dict[int, torch.Tensor]:
-    """`hooks.read_residuals` with gradients: the residuals at `layers`, the pass stopped after the last one."""
-    captured: dict[int, torch.Tensor] = {}
-    last = max(layers)
-
-    def reader(layer: int):
-        def fn(hidden: torch.Tensor, ctx: Any) -> None:
-            captured[layer] = hidden
-            if layer == last:
-                raise StopForward
-        return fn
-
-    with attach(model, {layer: reader(layer) for layer in sorted(set(layers))}):
-        try:
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        except StopForward:
-            pass
-    return captured
-
-
 def _stacked_response_states(hidden: dict[int, torch.Tensor], layers: Sequence[int], response_mask: torch.Tensor
                              ) -> torch.Tensor:
     """(n_layers, n_response_tokens, d) in `response_positions` order."""
@@ -472,7 +451,7 @@ def _train_step2(cfg: RAHFConfig, accelerator: Any, original: torch.nn.Module, t
         target = alignment_target(h_orig, h_pos, h_neg, cfg.target_scale)
         with ctx.meter.forward(batch=len(chosen), seq_len=plain["input_ids"].shape[1], layers=run_layers,
                                lm_head=False, grad="lora", lora=lora):
-            hidden = residuals_with_grad(ctx.unwrapped, plain, layers)
+            hidden = read_residuals(ctx.unwrapped, plain["input_ids"], plain["attention_mask"], layers, grad=True)
         distances = alignment_distances(_stacked_response_states(hidden, layers, plain["response_mask"]), target)
         shift = (cfg.target_scale * (h_pos - h_neg)).float().norm(dim=-1)
         return MicroBatchResult(distances.mean(), {

@@ -224,8 +224,7 @@ class _SuiteRun:
 
     def _train(self, entry: SuiteEntry, cache) -> float:
         """Train (or resume) one SAE from the variant's activations and save it; returns the seconds it took."""
-        from saealign.sae.evaluate import reconstruction_metrics
-        from saealign.sae.train import SAETrainConfig, _Trainer
+        from saealign.sae.train import SAETrainConfig, train_layer
 
         cfg = self.cfg
         sae_dir = self.out / entry.name
@@ -236,22 +235,12 @@ class _SuiteRun:
                                    epochs=cfg.finetune_epochs if preference else cfg.epochs, max_length=cfg.max_length,
                                    batch_tokens=cfg.batch_tokens, seed=cfg.seed,
                                    init_from=str(self.out / entry.generic.name) if preference else None)
-        started = time.time()
-        trainer = _Trainer(train_cfg, cache, entry.layer, sae_dir, cfg.model, self.device)
-        sae = trainer.train()
-        seconds = round(time.time() - started, 3)  # ms: a tiny SAE trains in well under 0.1 s
-        sae.cfg.metadata.update({
-            "model_fingerprint": self.fingerprint, "training": dataclasses.asdict(train_cfg), "lr_used": trainer.lr,
-            "input_scale": trainer.scale, "steps": trainer.step, "train_tokens": int(len(trainer.train_idx)),
-            "heldout_activation_metrics": reconstruction_metrics(sae, trainer.validation()),
-            "extraction": cache.meta["extraction"], "train_seconds": seconds,
-            "suite": {"variant": entry.variant, "data": cfg.data,
-                      "roles": [cfg.preference_role] if preference else cfg.generic_roles,
-                      "n": cfg.preference_n if preference else cfg.generic_n,
-                      "init_from": entry.generic.name if preference else None}})
-        sae.save(sae_dir)
+        sae = train_layer(train_cfg, cache, entry.layer, sae_dir, self.device, self.fingerprint, suite={
+            "variant": entry.variant, "data": cfg.data, "roles": [cfg.preference_role] if preference else cfg.generic_roles,
+            "n": cfg.preference_n if preference else cfg.generic_n, "init_from": entry.generic.name if preference else None})
         (sae_dir / "checkpoint.pt").unlink(missing_ok=True)  # optimizer state: only needed to resume
-        log.info("%s trained in %.0f s (%d steps)", entry.name, seconds, trainer.step)
+        seconds = sae.cfg.metadata["train_seconds"]
+        log.info("%s trained in %.0f s (%d steps)", entry.name, seconds, sae.cfg.metadata["steps"])
         return seconds
 
     def _score(self, entry: SuiteEntry, train_seconds: float | None) -> None:

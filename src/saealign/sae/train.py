@@ -238,7 +238,6 @@ class _Trainer:
 def train_saes(cfg: SAETrainConfig) -> dict[int, Path]:
     """Extract activations once for all `cfg.layers`, then train and save one SAE per layer."""
     from saealign.models import load_model, load_tokenizer, model_fingerprint, resolve_device
-    from saealign.sae.evaluate import reconstruction_metrics
 
     if not cfg.layers or not cfg.corpus or not cfg.output:
         raise ValueError("sae train needs --layers, --corpus and --output")
@@ -263,15 +262,28 @@ def train_saes(cfg: SAETrainConfig) -> dict[int, Path]:
     for layer in cfg.layers:
         layer_dir = out / f"layer_{layer}"
         layer_dir.mkdir(exist_ok=True)
-        trainer = _Trainer(cfg, cache, layer, layer_dir, cfg.model, device)
-        sae = trainer.train()
-        metrics = reconstruction_metrics(sae, trainer.validation())
-        sae.cfg.metadata.update({"model_fingerprint": fingerprint, "training": {k: v for k, v in dataclasses.asdict(cfg).items()},
-                                 "lr_used": trainer.lr, "input_scale": trainer.scale, "steps": trainer.step,
-                                 "train_tokens": int(len(trainer.train_idx)), "heldout_activation_metrics": metrics,
-                                 "extraction": cache.meta.get("extraction")})
-        sae.save(layer_dir)
+        sae = train_layer(cfg, cache, layer, layer_dir, device, fingerprint)
         results[layer] = layer_dir
-        log.info("layer %d: %s", layer, metrics)
+        log.info("layer %d: %s", layer, sae.cfg.metadata["heldout_activation_metrics"])
     return results
+
+
+def train_layer(cfg: SAETrainConfig, cache: ActivationCache, layer: int, out_dir: Path, device: torch.device,
+                model_fingerprint: str, **metadata) -> SAE:
+    """Train (or resume) the SAE of `layer` from `cache`, record how it was trained (and `metadata`) in its
+    cfg.json, and save it to `out_dir`."""
+    from saealign.sae.evaluate import reconstruction_metrics
+
+    started = time.time()
+    trainer = _Trainer(cfg, cache, layer, out_dir, cfg.model, device)
+    sae = trainer.train()
+    sae.cfg.metadata.update({"model_fingerprint": model_fingerprint, "training": dataclasses.asdict(cfg),
+                             "lr_used": trainer.lr, "input_scale": trainer.scale, "steps": trainer.step,
+                             "train_tokens": int(len(trainer.train_idx)),
+                             "heldout_activation_metrics": reconstruction_metrics(sae, trainer.validation()),
+                             "extraction": cache.meta.get("extraction"),
+                             "train_seconds": round(time.time() - started, 3),  # ms: tiny SAEs train in < 0.1 s
+                             **metadata})
+    sae.save(out_dir)
+    return sae
 

@@ -66,6 +66,13 @@ FULL = {"fit_prompts": 1000, "k": 4, "k_harmful": 10, "tokens": 48, "val_triple_
 FULL_BY_ATTRIBUTE = {"refusal": {"tokens": 32, "modes": ["ablate"]},
                      "conditional": {"tokens": 32, "modes": ["both"], "alphas": [0.2, 0.5], "coefs": [4.0]},
                      "repetition": {"modes": ["ablate"]}}
+# On a GPU the compute note above no longer binds: the conditional map also gets benign-prompt triples (chosen: an
+# answer over a refusal), so it can learn when to refuse and not only how; K = 16 for both kinds, a wider grid.
+GPU = {**FULL, "fit_prompts": 1000, "k": 16, "k_harmful": 16, "tokens": 32, "val_triple_prompts": 200,
+       "snapshots": [100, 250, 500], "alphas": [0.2, 0.5, 1.0], "modes": ["ablate", "both"], "coefs": [1.0, 4.0],
+       "batch": 256, "fit_batch": 32}
+GPU_BY_ATTRIBUTE = {"conditional": {"fit_sources": ["harmful=harmless_fit", "benign=fit"]},
+                    "refusal": {"modes": ["ablate", "both"]}, "repetition": {"tokens": 48, "modes": ["ablate"]}}
 TINY = {"fit_prompts": 16, "k": 3, "k_harmful": 6, "tokens": 12, "val_triple_prompts": 16, "val_prompts": 4,
         "test_prompts": 8, "snapshots": [4], "alphas": [0.5], "modes": ["ablate"], "coefs": [4.0], "max_length": 64, "batch": 16}
 
@@ -162,8 +169,10 @@ def protocol(attribute: str, s: dict, work: Path, results: Path, data: str) -> N
 
     scorer, fit_sources, val_sources, test_sources, _, _, temperature = ATTRIBUTES[attribute]
     excluded = HELD_OUT_EXCLUDES.get(attribute, fit_sources)
+    fit_sources = s.get("fit_sources", fit_sources)
     work = work / attribute
-    triples = best_of_k(work / "triples_fit", scorer, fit_sources, s["fit_prompts"], s, data, temperature)
+    triples = s.get("fit_triples") or best_of_k(work / "triples_fit", scorer, fit_sources, s["fit_prompts"], s, data,
+                                                temperature)
     if not enough_triples(triples, f"{attribute}: fitting"):
         return
     shuffled = work / "triples_fit_shuffled.jsonl"
@@ -172,9 +181,9 @@ def protocol(attribute: str, s: dict, work: Path, results: Path, data: str) -> N
     maps = {"map": triples, "map_shuffled": shuffled}
     for name, file in maps.items():
         run("dspa", "fit", "--data", file, "--max-length", s["max_length"], *sources("--snapshots", s["snapshots"]),
-            "--output", work / name)
-    held_out = best_of_k(work / "triples_validation", scorer, val_sources, s["val_triple_prompts"], s, data, temperature,
-                         exclude=excluded)
+            "--batch-size", s.get("fit_batch", 8), "--output", work / name)
+    held_out = s.get("validation_triples") or best_of_k(work / "triples_validation", scorer, val_sources,
+                                                        s["val_triple_prompts"], s, data, temperature, exclude=excluded)
     if enough_triples(held_out, f"{attribute}: map signal"):
         run("eval", "map-signal", "--maps", work / "map", "--maps", work / "map_shuffled", "--data", held_out,
             "--output", results / f"attributes_{attribute}_map_signal.json")
@@ -201,11 +210,24 @@ def main() -> None:
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--attributes", nargs="+", default=list(ATTRIBUTES), choices=list(ATTRIBUTES))
     ap.add_argument("--tiny", action="store_true", help="16 prompts, K=3 (6 harmful), 12 tokens: shows the pipeline works")
+    ap.add_argument("--gpu", action="store_true", help="the GPU settings (GPU above): benign triples too, K=16, wider grid")
+    ap.add_argument("--fit-triples", type=Path, help="best-of-K fit triples built earlier (a `data best-of-k` output's "
+                    "triples.jsonl, provenance.json beside it), e.g. on a GPU: used instead of sampling them here")
+    ap.add_argument("--validation-triples", type=Path, help="likewise for the held-out triples of the map-signal step")
+    ap.add_argument("--batch", type=int, help="generation batch (default: the preset's)")
     args = ap.parse_args()
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     for attribute in args.attributes:
-        settings = TINY if args.tiny else {**FULL, **FULL_BY_ATTRIBUTE.get(attribute, {})}
+        if args.tiny:
+            settings = {**TINY, **({"fit_sources": GPU_BY_ATTRIBUTE[attribute]["fit_sources"]}
+                                   if args.gpu and "fit_sources" in GPU_BY_ATTRIBUTE[attribute] else {})}
+        elif args.gpu:
+            settings = {**GPU, **GPU_BY_ATTRIBUTE.get(attribute, {})}
+        else:
+            settings = {**FULL, **FULL_BY_ATTRIBUTE.get(attribute, {})}
+        given = {"fit_triples": args.fit_triples, "validation_triples": args.validation_triples, "batch": args.batch}
+        settings.update({k: v for k, v in given.items() if v is not None})
         protocol(attribute, settings, Path(args.output), results, args.data)
 
 

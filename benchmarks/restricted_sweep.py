@@ -54,7 +54,8 @@ def train(method: str, n: str, args: argparse.Namespace) -> Path:
     if (out / "train_summary.json").exists():
         return out
     common = ["--data", str(args.data), "--data-role", "fit", "--seed", "0", "--max-length", str(args.max_length),
-              "--output", str(out), "--save-steps", "5", "--no-progress"]
+              "--output", str(out), "--save-steps", str(args.save_steps), "--mixed-precision", args.mixed_precision,
+              "--no-progress"]
     if (out / "step1").exists() or any(out.glob("checkpoint-*")):
         common += ["--resume-from-checkpoint", "latest"]
     if n != "full":
@@ -76,6 +77,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=384)
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "sweep")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", default="float32", help="dtype of every model scored (float32: comparable across devices)")
+    ap.add_argument("--mixed-precision", default="no", help="the trainers' --mixed-precision (no: fp32, as on CPU)")
+    ap.add_argument("--save-steps", type=int, default=5, help="the trainers' checkpoint interval (steps)")
     ap.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "restricted_sweep.json")
     args = ap.parse_args()
     if args.threads:
@@ -88,17 +92,18 @@ def main() -> None:
                    "test_n": args.n, "seed": 0, "max_length": args.max_length, "map": str(args.map),
                    "settings": {"chosen_on": f"validation, N = full ({VALIDATION_CHOICE.name})", **chosen,
                                 "dpo": " ".join(DPO_FLAGS)},
-                   "versions": versions(), "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()})
+                   "versions": versions()})
+    device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()
     runs = result.setdefault("runs", {})
 
-    model, tok = load_model(DEFAULT_MODEL)
+    model, tok = load_model(DEFAULT_MODEL, dtype=args.dtype)
     test = sample(select_triples(str(args.data), "test_helpful"), args.n, 0)
     base = base_scores_cached(model, tok, test, args.max_length)
 
     def record(key: str, method: str, n: str, triples: int, scores, cost: dict, started: float) -> None:
         metrics = preference_metrics(scores, base)
         runs[key] = {"method": method, "n": n, "triples": triples, "metrics": {k: v.to_json() for k, v in metrics.items()},
-                     "cost": cost, "eval_seconds": round(time.time() - started, 1)}
+                     "cost": cost, "eval_seconds": round(time.time() - started, 1), "device": device}
         if args.output.exists():  # another sweep process (other methods) may have written since: keep its runs
             runs.update({k: v for k, v in read_json(args.output)["runs"].items() if k not in runs})
         write_json(args.output, result)
@@ -123,7 +128,7 @@ def main() -> None:
                 continue
             out = train(method, n, args)
             started = time.time()
-            policy, _ = load_model(str(out))
+            policy, _ = load_model(str(out), dtype=args.dtype)
             scores = score_triples(policy, tok, test, None, args.max_length, desc=f"score {method} N={n}")
             del policy
             summary = read_json(out / "train_summary.json")
@@ -136,13 +141,14 @@ def main() -> None:
 def table(result: dict) -> str:
     """Reward accuracy and counted alignment-stage cost per method and N."""
     lines = [f"Reward accuracy vs the base model on {result['test_n']} helpful-test triples (95 % CI), and the "
-             "alignment stage's counted FLOPs, wall time and peak memory (device: " + result["device"] + ").", "",
-             "| method | N | reward acc. % [95% CI] | FLOPs (fwd + bwd) | wall s | peak MB |", "|---|---|---|---|---|---|"]
+             "alignment stage's counted FLOPs, wall time and peak memory on the device that ran it (fp32 everywhere).", "",
+             "| method | N | reward acc. % [95% CI] | FLOPs (fwd + bwd) | wall s | peak MB | device |",
+             "|---|---|---|---|---|---|---|"]
     for key, run in sorted(result["runs"].items(), key=lambda kv: (kv[1]["method"], _as_number(kv[1]["n"]))):
         acc, cost = run["metrics"]["reward_acc"], run["cost"]
         lines.append(f"| {run['method']} | {run['n']} | {100 * acc['value']:.1f} [{100 * acc['ci95'][0]:.1f}, "
                      f"{100 * acc['ci95'][1]:.1f}] | {cost['flops']['total']:.3g} | {cost['wall_seconds']:.0f} | "
-                     f"{cost['peak_memory_mb']:.0f} |")
+                     f"{cost['peak_memory_mb']:.0f} | {run.get('device', result.get('device', 'cpu'))} |")
     return "\n".join(lines) + "\n"
 
 

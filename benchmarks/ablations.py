@@ -1,0 +1,363 @@
+"""The DSPA paper's ablations on the default model (issue #17), by the protocol: maps fitted on fit roles, every
+choice made on validation, each arm reported once on test.
+
+Two measures, every map fitted twice (same SAEs, same steering):
+- the prompt-conditional attribute ("refuse iff harmful", `attributes_protocol.py`): a map on its best-of-K fit
+  triples; balanced accuracy of the greedy answers, paired against base (`saealign eval attributes`), and the
+  map's held-out signal on its validation triples (`saealign eval map-signal`);
+- the judge-free HH-RLHF protocol: a map on a seeded draw of N fit-pool triples; reward accuracy against base.
+
+Stages (each written to OUTPUT/ablations.json as it ends; a rerun resumes: maps, answers and finished stages are
+kept):
+1. layer grid: every pair l_in < l_out of the suite's layers, generic SAEs of the base width, one fixed steering
+   setting (GRID_STEERING); the pair is chosen by the conditional attribute's validation gain (the HH measure's
+   own best pair is reported beside it);
+2. at that pair, one choice changed per arm: preference-domain SAEs (the suite's fine-tuned variant), the wide
+   SAEs, mode ablate / augment (the grid uses both), stat mean (the grid uses density); the shipped SAEs (9, 24)
+   as today's default; each arm on validation;
+3. every arm once on test (conditional: test-role prompts of both kinds; HH: the helpful-test sample of the
+   restricted sweep), with paired differences to the reference arm (the chosen pair as in the grid).
+Plots: OUTPUT/ablation_layer_grid.png (heat maps of the grid), OUTPUT/ablations.md (tables).
+
+    python benchmarks/ablations.py --suite runs/sae_suite --triples runs/attributes/conditional/triples_fit/triples.jsonl \
+        --val-triples runs/attributes/conditional/triples_validation/triples.jsonl --output runs/ablations
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attributes_pairwise import per_prompt
+from saealign._io import read_json, write_json
+from saealign.data import sample, select_triples
+from saealign.dspa.fitting import DSPAFitConfig, run_fit
+from saealign.dspa.map import Recommended, record_recommended
+from saealign.eval.attribute_bench import AttributeEvalConfig, run_attribute_eval
+from saealign.eval.attributes import get_scorer
+from saealign.eval.pref import TIE_ATOL, preference_metrics
+from saealign.dspa.diagnostics import MapSignalConfig, run_map_signal
+from saealign.models import DEFAULT_MODEL, load_model
+from saealign.runtime.scoring import base_scores_cached, score_triples
+from saealign.stats import paired_difference, wins
+from saealign.steering import LatentSteering, load_method
+
+ROOT = Path(__file__).resolve().parents[1]
+SCORER = "refuse_iff_harmful"
+VALIDATION = ["harmful=harmless_validation", "benign=validation"]
+TEST = ["harmful=test_harmless", "benign=test_helpful"]
+HELD_OUT_EXCLUDES = ["harmful=harmless_fit", "benign=fit"]  # as attributes_protocol.py: held-out means unseen
+# One setting for the whole grid: `both` (a refusal has to be added, attributes_protocol.py), alpha 0.5 (the middle
+# of its grid), the paper's k_prompt/k_diff, no threshold (tau is in each map's own units).
+GRID_STEERING = LatentSteering(mode="both", alpha=0.5, k_prompt=32, k_diff=16, threshold=0.0)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One map configuration: its SAEs, prompt statistic and steering setting."""
+
+    name: str
+    sae_in: str
+    sae_out: str
+    stat: str = "density"
+    steering: LatentSteering = field(default_factory=lambda: GRID_STEERING)
+
+    @property
+    def fit_key(self) -> str:  # arms that differ only in steering share the fit
+        return f"{_short(self.sae_in)}__{_short(self.sae_out)}__{self.stat}"
+
+
+def _short(sae: str) -> str:
+    return sae.replace("default:", "shipped_") if sae.startswith("default:") else "_".join(Path(sae).parts[-2:])
+
+
+def sae_dir(suite: Path, variant: str, layer: int, width: int) -> str:
+    return str(suite / variant / f"layer_{layer}_w{width}")
+
+
+class Ablations:
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.out = args, args.output
+        self.result_path = self.out / "ablations.json"
+        self.result = read_json(self.result_path) if self.result_path.exists() else {}
+        self.model, self.tok = load_model(DEFAULT_MODEL, dtype="float32")
+        self.hh_fit = dict(data=str(args.data), data_role="fit", n=args.hh_n, seed=0, max_length=args.hh_max_length)
+        self.hh_validation = sample(select_triples(str(args.data), "validation"), args.hh_eval_n, 0)
+        self.hh_test = sample(select_triples(str(args.data), "test_helpful"), args.hh_eval_n, 0)
+        self.base, self.hh_scores = {}, {}
+
+    def save(self) -> None:
+        self.result.update({"benchmark": "DSPA ablations", "model": DEFAULT_MODEL, "suite": str(self.args.suite),
+                            "triples": str(self.args.triples), "val_triples": str(self.args.val_triples),
+                            "grid_steering": dataclasses.asdict(GRID_STEERING), "hh_fit_n": self.args.hh_n,
+                            "hh_eval_n": self.args.hh_eval_n, "attribute_n": {"validation": self.args.val_n,
+                                                                              "test": self.args.test_n},
+                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
+        write_json(self.result_path, self.result)
+
+    # maps ---------------------------------------------------------------------------------------------------
+    def map_for(self, arm: Arm, measure: str) -> Path:
+        """The arm's map for `measure` (conditional | hh): fitted once per fit key, copied with the arm's steering."""
+        fitted = self.out / "maps" / measure / arm.fit_key
+        if not (fitted / "config.json").exists():
+            data = (dict(data=str(self.args.triples), max_length=self.args.attr_max_length) if measure == "conditional"
+                    else self.hh_fit)
+            t = time.time()
+            run_fit(DSPAFitConfig(**data, output=str(fitted), sae_in=arm.sae_in, sae_out=arm.sae_out, stat=arm.stat,
+                                  batch_size=self.args.fit_batch, checkpoint_every=10 ** 6), self.model, self.tok)
+            print(f"  fit {measure} {arm.fit_key}: {time.time() - t:.0f} s", flush=True)
+        steered = self.out / "maps" / measure / f"{arm.fit_key}__{arm.name}"
+        if not (steered / "config.json").exists():
+            tmp = steered.with_name(steered.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(fitted, tmp, ignore=shutil.ignore_patterns("checkpoint*", "snapshot_*"))
+            record_recommended(tmp, Recommended(dspa=arm.steering, source="benchmarks/ablations.py"))
+            os.replace(tmp, steered)
+        return steered
+
+    # measures -----------------------------------------------------------------------------------------------
+    def conditional(self, arms: list[Arm], split: str) -> dict[str, dict]:
+        """Balanced accuracy of every arm's answers on `split` prompts, paired against base, in one eval run."""
+        sources, n = (VALIDATION, self.args.val_n) if split == "validation" else (TEST, self.args.test_n)
+        run = self.out / f"conditional_{split}"
+        methods = ["base", *(f"{a.name}=dspa:{self.map_for(a, 'conditional')}" for a in arms)]
+        t = time.time()
+        records = run_attribute_eval(AttributeEvalConfig(
+            output=str(run), scorer=SCORER, sources=sources, data=str(self.args.data), n=n, exclude=HELD_OUT_EXCLUDES,
+            methods=methods, max_new_tokens=self.args.tokens, batch_size=self.args.batch, batch_prompts=self.args.batch),
+            self.model, self.tok, progress=False)
+        print(f"  conditional {split}: {len(arms)} arms + base in {time.time() - t:.0f} s", flush=True)
+        return {r.method: {"metrics": {k: v.to_json() for k, v in r.metrics.items()},
+                           "deltas": {k: v.to_json() for k, v in r.deltas.items()}} for r in records}
+
+    def signal(self, arm: Arm) -> dict:
+        result = run_map_signal(MapSignalConfig(maps=[str(self.map_for(arm, "conditional"))], data=str(self.args.val_triples),
+                                                k_prompt=GRID_STEERING.k_prompt, k_diff=GRID_STEERING.k_diff,
+                                                batch_size=self.args.fit_batch), self.model, self.tok, progress=False)
+        return result["rows"][0]
+
+    def hh(self, arm: Arm, split: str) -> dict:
+        triples = self.hh_validation if split == "validation" else self.hh_test
+        if split not in self.base:
+            self.base[split] = base_scores_cached(self.model, self.tok, triples, self.args.hh_max_length, progress=False)
+        if (split, arm.name) not in self.hh_scores:
+            intervention = load_method(f"dspa:{self.map_for(arm, 'hh')}", model=self.model)
+            self.hh_scores[split, arm.name] = score_triples(self.model, self.tok, triples, intervention,
+                                                            self.args.hh_max_length, progress=False)
+        return {k: v.to_json() for k, v in preference_metrics(self.hh_scores[split, arm.name], self.base[split]).items()}
+
+    # stages -------------------------------------------------------------------------------------------------
+    def grid(self) -> tuple[int, int]:
+        layers, width, suite = self.args.layers, self.args.width, self.args.suite
+        pairs = [(i, o) for i in layers for o in layers if i < o]
+        stage = self.result.setdefault("grid", {})
+        arms = {f"{i}_{o}": Arm(f"L{i}_L{o}", sae_dir(suite, "generic", i, width), sae_dir(suite, "generic", o, width))
+                for i, o in pairs}
+        todo = [k for k in arms if "hh_validation" not in stage.get(k, {})]
+        if todo:
+            cond = self.conditional(list(arms.values()), "validation")
+            for key, arm in arms.items():
+                row = stage.setdefault(key, {"l_in": arm.sae_in, "l_out": arm.sae_out})
+                row["conditional_validation"] = cond[arm.name]
+                row["map_signal"] = self.signal(arm)
+                self.save()
+            for key in todo:
+                t = time.time()
+                stage[key]["hh_validation"] = self.hh(arms[key], "validation")
+                print(f"  hh validation {key}: reward acc {stage[key]['hh_validation']['reward_acc']['value']:.3f} "
+                      f"({time.time() - t:.0f} s)", flush=True)
+                self.save()
+        gain = {k: v["conditional_validation"]["deltas"]["balanced_accuracy"]["value"] for k, v in stage.items()}
+        best = max(gain, key=lambda k: (gain[k], stage[k]["map_signal"]["alignment"]["value"]))
+        hh_best = max(stage, key=lambda k: stage[k]["hh_validation"]["reward_acc"]["value"])
+        self.result["chosen_pair"] = {"conditional": best, "hh": hh_best,
+                                      "rule": "largest validation gain in balanced accuracy (ties: map-signal alignment)"}
+        self.save()
+        i, o = map(int, best.split("_"))
+        return i, o
+
+    def arms_at(self, i: int, o: int) -> list[Arm]:
+        s, w, ww = self.args.suite, self.args.width, self.args.wide_width
+        ref = Arm("reference", sae_dir(s, "generic", i, w), sae_dir(s, "generic", o, w))
+        arms = [ref,
+                dataclasses.replace(ref, name="preference_sae", sae_in=sae_dir(s, "preference", i, w),
+                                    sae_out=sae_dir(s, "preference", o, w)),
+                dataclasses.replace(ref, name="mode_ablate", steering=dataclasses.replace(GRID_STEERING, mode="ablate")),
+                dataclasses.replace(ref, name="mode_augment", steering=dataclasses.replace(GRID_STEERING, mode="augment")),
+                dataclasses.replace(ref, name="stat_mean", stat="mean"),
+                Arm("shipped_9_24", "default:in", "default:out")]
+        wide = Arm("wide_sae", sae_dir(s, "generic", i, ww), sae_dir(s, "generic", o, ww))
+        if (Path(wide.sae_in) / "cfg.json").exists() and (Path(wide.sae_out) / "cfg.json").exists():
+            arms.insert(2, wide)
+        else:
+            print(f"  no wide SAEs at layers {i} and {o} in the suite: width arm skipped", flush=True)
+        return arms
+
+    def arms(self, arms: list[Arm], split: str) -> None:
+        stage = self.result.setdefault(f"arms_{split}", {})
+        if all(f"hh_{split}" in stage.get(a.name, {}) for a in arms):
+            return
+        cond = self.conditional(arms, split)
+        stage["base"] = {"conditional": cond["base"]}
+        for arm in arms:
+            row = stage.setdefault(arm.name, {"sae_in": arm.sae_in, "sae_out": arm.sae_out, "stat": arm.stat,
+                                              "steering": dataclasses.asdict(arm.steering)})
+            row["conditional"] = cond[arm.name]
+            if split == "validation":
+                row["map_signal"] = self.signal(arm)
+            row[f"hh_{split}"] = self.hh(arm, split)
+            self.save()
+        if split == "test":
+            self.result["paired_test"] = self.paired(arms)
+            self.save()
+
+    def paired(self, arms: list[Arm]) -> dict[str, dict]:
+        """Each arm minus the reference on the test prompts (balanced accuracy) and test triples (reward accuracy)."""
+        scorer = get_scorer(SCORER)
+        run = self.out / "conditional_test"
+        ids_ref, ref = per_prompt(run, "reference", scorer)
+        hh_ref = self._hh_hits(arms[0])
+        out = {}
+        for arm in arms[1:]:
+            ids, scores = per_prompt(run, arm.name, scorer)
+            assert ids == ids_ref, f"{arm.name} answered other prompts than the reference"
+            out[arm.name] = {"balanced_accuracy": paired_difference(scores, ref, 2000, 0).to_json(),
+                             "reward_acc": paired_difference(self._hh_hits(arm), hh_ref, 2000, 0).to_json()}
+        return out
+
+    def _hh_hits(self, arm: Arm) -> np.ndarray:
+        """Per test triple: 1 when the arm's reward (log-ratio to base) prefers chosen, 0.5 on a tie, else 0."""
+        self.hh(arm, "test")  # fills the score cache
+        scores, base = self.hh_scores["test", arm.name], self.base["test"]
+        return wins(scores.logp_chosen - base.logp_chosen, scores.logp_rejected - base.logp_rejected, TIE_ATOL)
+
+    def run(self) -> None:
+        t0 = time.time()
+        i, o = self.grid()
+        print(f"layer grid done ({time.time() - t0:.0f} s): chosen pair ({i}, {o}); "
+              f"HH's best {self.result['chosen_pair']['hh']}", flush=True)
+        arms = self.arms_at(i, o)
+        self.arms(arms, "validation")
+        print(f"arms on validation done ({time.time() - t0:.0f} s)", flush=True)
+        self.arms(arms, "test")
+        print(f"arms on test done ({time.time() - t0:.0f} s)", flush=True)
+        plot_grid(self.result, self.args.layers, self.out / "ablation_layer_grid.png")
+        (self.out / "ablations.md").write_text(markdown(self.result))
+
+
+def plot_grid(result: dict, layers: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("Δ balanced accuracy vs base\n(conditional, validation)",
+               lambda r: r["conditional_validation"]["deltas"]["balanced_accuracy"]["value"]),
+              ("map-signal alignment\n(conditional, validation triples)", lambda r: r["map_signal"]["alignment"]["value"]),
+              ("reward accuracy vs base\n(HH-RLHF, validation)", lambda r: r["hh_validation"]["reward_acc"]["value"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4))
+    for ax, (title, value) in zip(axes, panels):
+        grid = np.full((len(layers), len(layers)), np.nan)
+        for key, row in result["grid"].items():
+            i, o = map(int, key.split("_"))
+            v = value(row) if "hh_validation" in row else None
+            grid[layers.index(i), layers.index(o)] = np.nan if v is None else v
+        im = ax.imshow(grid, cmap="RdBu_r" if "Δ" in title else "viridis", origin="lower",
+                       **({"vmin": -np.nanmax(np.abs(grid)), "vmax": np.nanmax(np.abs(grid))} if "Δ" in title else {}))
+        for (a, b), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(b, a, f"{v:+.3f}" if "Δ" in title else f"{v:.3f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(layers)), layers)
+        ax.set_yticks(range(len(layers)), layers)
+        ax.set_xlabel("l_out (edited layer)")
+        ax.set_ylabel("l_in (prompt layer)")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _cell(estimate: dict, scale: float = 100.0) -> str:
+    lo, hi = estimate["ci95"] or (estimate["value"], estimate["value"])
+    return f"{scale * estimate['value']:+.1f} [{scale * lo:+.1f}, {scale * hi:+.1f}]"
+
+
+def _level(estimate: dict) -> str:
+    lo, hi = estimate["ci95"] or (estimate["value"], estimate["value"])
+    return f"{100 * estimate['value']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def markdown(result: dict) -> str:
+    lines = ["# DSPA ablations", "", f"Steering of the grid and the arms: {result['grid_steering']}. "
+             f"Chosen pair (conditional validation gain): {result['chosen_pair']['conditional']}; "
+             f"HH validation's best: {result['chosen_pair']['hh']}.", "",
+             "## Layer grid (validation)", "", "| l_in_l_out | Δ balanced acc. (pp) | map-signal alignment | HH reward acc. % |",
+             "|---|---|---|---|"]
+    for key, row in sorted(result["grid"].items(), key=lambda kv: tuple(map(int, kv[0].split("_")))):
+        if "hh_validation" not in row:
+            continue
+        acc = row["hh_validation"]["reward_acc"]
+        alignment = row["map_signal"]["alignment"]["value"]
+        lines.append(f"| {key} | {_cell(row['conditional_validation']['deltas']['balanced_accuracy'])} | "
+                     f"{alignment:.3f} | {_level(acc)} |")
+    for split in ("validation", "test"):
+        stage = result.get(f"arms_{split}")
+        if not stage:
+            continue
+        lines += ["", f"## Arms at the chosen pair ({split})", "",
+                  "| arm | balanced acc. % | Δ vs base (pp) | refused harmful % | answered benign % | perplexity | "
+                  "HH reward acc. % | Δ bal. acc. vs reference (pp) | Δ reward acc. vs reference (pp) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        paired = result.get("paired_test", {}) if split == "test" else {}
+        for name, row in stage.items():
+            if name == "base":
+                continue
+            m, d = row["conditional"]["metrics"], row["conditional"]["deltas"]
+            p = paired.get(name)
+            lines.append(f"| {name} | {_level(m['balanced_accuracy'])} | {_cell(d['balanced_accuracy'])} | "
+                         f"{100 * m['refused_harmful']['value']:.1f} | {100 * m['answered_benign']['value']:.1f} | "
+                         f"{m['perplexity']['value']:.2f} | {_level(row[f'hh_{split}']['reward_acc'])} | "
+                         f"{_cell(p['balanced_accuracy']) if p else '—'} | {_cell(p['reward_acc']) if p else '—'} |")
+        base = stage["base"]["conditional"]["metrics"]
+        lines.append(f"| base | {_level(base['balanced_accuracy'])} | | {100 * base['refused_harmful']['value']:.1f} | "
+                     f"{100 * base['answered_benign']['value']:.1f} | {base['perplexity']['value']:.2f} | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", type=Path, required=True, help="`saealign sae suite` output")
+    ap.add_argument("--triples", type=Path, required=True, help="conditional attribute fit triples (best-of-K jsonl)")
+    ap.add_argument("--val-triples", type=Path, required=True, help="conditional attribute validation triples")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--output", type=Path, default=ROOT / "runs" / "ablations")
+    ap.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9, 12, 18, 24, 27])
+    ap.add_argument("--width", type=int, default=2560)
+    ap.add_argument("--wide-width", type=int, default=8192)
+    ap.add_argument("--val-n", type=int, default=100, help="validation prompts of each kind")
+    ap.add_argument("--test-n", type=int, default=300, help="test prompts of each kind")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--fit-batch", type=int, default=32)
+    ap.add_argument("--attr-max-length", type=int, default=256)
+    ap.add_argument("--hh-n", type=int, default=500, help="fit-pool triples of each HH-RLHF map (seeded draw)")
+    ap.add_argument("--hh-eval-n", type=int, default=300, help="HH-RLHF validation and test triples (seeded draws)")
+    ap.add_argument("--hh-max-length", type=int, default=384)
+    args = ap.parse_args()
+    args.output.mkdir(parents=True, exist_ok=True)
+    Ablations(args).run()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_grad_enabled(False)
+    main()

@@ -132,7 +132,7 @@ class Ablations:
         t = time.time()
         records = run_attribute_eval(AttributeEvalConfig(
             output=str(run), scorer=SCORER, sources=sources, data=str(self.args.data), n=n, exclude=HELD_OUT_EXCLUDES,
-            methods=methods, max_new_tokens=self.args.tokens, batch_size=self.args.batch, batch_prompts=self.args.batch),
+            methods=methods, max_new_tokens=self.args.tokens, batch_size=self.args.batch),
             self.model, self.tok, progress=False)
         print(f"  conditional {split}: {len(arms)} arms + base in {time.time() - t:.0f} s", flush=True)
         return {r.method: {"metrics": {k: v.to_json() for k, v in r.metrics.items()},
@@ -185,21 +185,28 @@ class Ablations:
         return i, o
 
     def arms_at(self, i: int, o: int) -> list[Arm]:
-        s, w, ww = self.args.suite, self.args.width, self.args.wide_width
-        ref = Arm("reference", sae_dir(s, "generic", i, w), sae_dir(s, "generic", o, w))
-        arms = [ref,
-                dataclasses.replace(ref, name="preference_sae", sae_in=sae_dir(s, "preference", i, w),
-                                    sae_out=sae_dir(s, "preference", o, w)),
+        """At the chosen pair: the reference, the SAE-type and width arms, the steering arms, the shipped pair."""
+        s, w = self.args.suite, self.args.width
+        ref, *steering = self.steering_arms(Arm("reference", sae_dir(s, "generic", i, w), sae_dir(s, "generic", o, w)))
+        preference = dataclasses.replace(ref, name="preference_sae", sae_in=sae_dir(s, "preference", i, w),
+                                         sae_out=sae_dir(s, "preference", o, w))
+        return [ref, preference, *self.wide_arm(i, o), *steering, Arm("shipped_9_24", "default:in", "default:out")]
+
+    @staticmethod
+    def steering_arms(ref: Arm) -> list[Arm]:
+        """The reference and the arms that change only how its SAEs are used: mode and prompt statistic."""
+        return [ref,
                 dataclasses.replace(ref, name="mode_ablate", steering=dataclasses.replace(GRID_STEERING, mode="ablate")),
                 dataclasses.replace(ref, name="mode_augment", steering=dataclasses.replace(GRID_STEERING, mode="augment")),
-                dataclasses.replace(ref, name="stat_mean", stat="mean"),
-                Arm("shipped_9_24", "default:in", "default:out")]
+                dataclasses.replace(ref, name="stat_mean", stat="mean")]
+
+    def wide_arm(self, i: int, o: int) -> list[Arm]:
+        s, ww = self.args.suite, self.args.wide_width
         wide = Arm("wide_sae", sae_dir(s, "generic", i, ww), sae_dir(s, "generic", o, ww))
         if (Path(wide.sae_in) / "cfg.json").exists() and (Path(wide.sae_out) / "cfg.json").exists():
-            arms.insert(2, wide)
-        else:
-            print(f"  no wide SAEs at layers {i} and {o} in the suite: width arm skipped", flush=True)
-        return arms
+            return [wide]
+        print(f"  no wide SAEs at layers {i} and {o} in the suite: width arm skipped", flush=True)
+        return []
 
     def arms(self, arms: list[Arm], split: str) -> None:
         stage = self.result.setdefault(f"arms_{split}", {})
@@ -241,15 +248,19 @@ class Ablations:
 
     def run(self) -> None:
         t0 = time.time()
-        i, o = self.grid()
-        print(f"layer grid done ({time.time() - t0:.0f} s): chosen pair ({i}, {o}); "
-              f"HH's best {self.result['chosen_pair']['hh']}", flush=True)
-        arms = self.arms_at(i, o)
+        if self.args.suite is None:  # no suite: the mode and stat arms on the shipped pair (9, 24)
+            arms = self.steering_arms(Arm("reference", "default:in", "default:out"))
+        else:
+            i, o = self.grid()
+            print(f"layer grid done ({time.time() - t0:.0f} s): chosen pair ({i}, {o}); "
+                  f"HH's best {self.result['chosen_pair']['hh']}", flush=True)
+            arms = self.arms_at(i, o)
         self.arms(arms, "validation")
         print(f"arms on validation done ({time.time() - t0:.0f} s)", flush=True)
         self.arms(arms, "test")
         print(f"arms on test done ({time.time() - t0:.0f} s)", flush=True)
-        plot_grid(self.result, self.args.layers, self.out / "ablation_layer_grid.png")
+        if "grid" in self.result:
+            plot_grid(self.result, self.args.layers, self.out / "ablation_layer_grid.png")
         (self.out / "ablations.md").write_text(markdown(self.result))
 
 
@@ -297,12 +308,14 @@ def _level(estimate: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = ["# DSPA ablations", "", f"Steering of the grid and the arms: {result['grid_steering']}. "
-             f"Chosen pair (conditional validation gain): {result['chosen_pair']['conditional']}; "
-             f"HH validation's best: {result['chosen_pair']['hh']}.", "",
-             "## Layer grid (validation)", "", "| l_in_l_out | Δ balanced acc. (pp) | map-signal alignment | HH reward acc. % |",
-             "|---|---|---|---|"]
-    for key, row in sorted(result["grid"].items(), key=lambda kv: tuple(map(int, kv[0].split("_")))):
+    lines = ["# DSPA ablations", "", f"Steering of the grid and the arms: {result['grid_steering']}."]
+    if "chosen_pair" in result:
+        lines += [f"Chosen pair (conditional validation gain): {result['chosen_pair']['conditional']}; "
+                  f"HH validation's best: {result['chosen_pair']['hh']}.", "", "## Layer grid (validation)", "",
+                  "| l_in_l_out | Δ balanced acc. (pp) | map-signal alignment | HH reward acc. % |", "|---|---|---|---|"]
+    else:
+        lines.append("No SAE suite: the arms use the shipped SAEs (layers 9 and 24).")
+    for key, row in sorted(result.get("grid", {}).items(), key=lambda kv: tuple(map(int, kv[0].split("_")))):
         if "hh_validation" not in row:
             continue
         acc = row["hh_validation"]["reward_acc"]
@@ -313,7 +326,7 @@ def markdown(result: dict) -> str:
         stage = result.get(f"arms_{split}")
         if not stage:
             continue
-        lines += ["", f"## Arms at the chosen pair ({split})", "",
+        lines += ["", f"## Arms ({split})", "",
                   "| arm | balanced acc. % | Δ vs base (pp) | refused harmful % | answered benign % | perplexity | "
                   "HH reward acc. % | Δ bal. acc. vs reference (pp) | Δ reward acc. vs reference (pp) |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -335,7 +348,8 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", type=Path, required=True, help="`saealign sae suite` output")
+    ap.add_argument("--suite", type=Path, help="`saealign sae suite` output (without it: only the mode and stat arms, "
+                    "on the shipped SAEs)")
     ap.add_argument("--triples", type=Path, required=True, help="conditional attribute fit triples (best-of-K jsonl)")
     ap.add_argument("--val-triples", type=Path, required=True, help="conditional attribute validation triples")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")

@@ -210,7 +210,8 @@ class Ablations:
 
     def arms(self, arms: list[Arm], split: str) -> None:
         stage = self.result.setdefault(f"arms_{split}", {})
-        if all(f"hh_{split}" in stage.get(a.name, {}) for a in arms):
+        measures = ["conditional"] + ([] if self.args.skip_hh else [f"hh_{split}"])
+        if all(m in stage.get(a.name, {}) for a in arms for m in measures):
             return
         cond = self.conditional(arms, split)
         stage["base"] = {"conditional": cond["base"]}
@@ -220,7 +221,8 @@ class Ablations:
             row["conditional"] = cond[arm.name]
             if split == "validation":
                 row["map_signal"] = self.signal(arm)
-            row[f"hh_{split}"] = self.hh(arm, split)
+            if not self.args.skip_hh:
+                row[f"hh_{split}"] = self.hh(arm, split)
             self.save()
         if split == "test":
             self.result["paired_test"] = self.paired(arms)
@@ -231,13 +233,14 @@ class Ablations:
         scorer = get_scorer(SCORER)
         run = self.out / "conditional_test"
         ids_ref, ref = per_prompt(run, "reference", scorer)
-        hh_ref = self._hh_hits(arms[0])
         out = {}
         for arm in arms[1:]:
             ids, scores = per_prompt(run, arm.name, scorer)
             assert ids == ids_ref, f"{arm.name} answered other prompts than the reference"
-            out[arm.name] = {"balanced_accuracy": paired_difference(scores, ref, 2000, 0).to_json(),
-                             "reward_acc": paired_difference(self._hh_hits(arm), hh_ref, 2000, 0).to_json()}
+            out[arm.name] = {"balanced_accuracy": paired_difference(scores, ref, 2000, 0).to_json()}
+            if not self.args.skip_hh:
+                out[arm.name]["reward_acc"] = paired_difference(self._hh_hits(arm), self._hh_hits(arms[0]), 2000,
+                                                                0).to_json()
         return out
 
     def _hh_hits(self, arm: Arm) -> np.ndarray:
@@ -338,8 +341,10 @@ def markdown(result: dict) -> str:
             p = paired.get(name)
             lines.append(f"| {name} | {_level(m['balanced_accuracy'])} | {_cell(d['balanced_accuracy'])} | "
                          f"{100 * m['refused_harmful']['value']:.1f} | {100 * m['answered_benign']['value']:.1f} | "
-                         f"{m['perplexity']['value']:.2f} | {_level(row[f'hh_{split}']['reward_acc'])} | "
-                         f"{_cell(p['balanced_accuracy']) if p else '—'} | {_cell(p['reward_acc']) if p else '—'} |")
+                         f"{m['perplexity']['value']:.2f} | "
+                         f"{_level(row[f'hh_{split}']['reward_acc']) if f'hh_{split}' in row else '—'} | "
+                         f"{_cell(p['balanced_accuracy']) if p else '—'} | "
+                         f"{_cell(p['reward_acc']) if p and 'reward_acc' in p else '—'} |")
         base = stage["base"]["conditional"]["metrics"]
         lines.append(f"| base | {_level(base['balanced_accuracy'])} | | {100 * base['refused_harmful']['value']:.1f} | "
                      f"{100 * base['answered_benign']['value']:.1f} | {base['perplexity']['value']:.2f} | | | |")
@@ -366,6 +371,7 @@ def main() -> None:
     ap.add_argument("--hh-n", type=int, default=500, help="fit-pool triples of each HH-RLHF map (seeded draw)")
     ap.add_argument("--hh-eval-n", type=int, default=300, help="HH-RLHF validation and test triples (seeded draws)")
     ap.add_argument("--hh-max-length", type=int, default=384)
+    ap.add_argument("--skip-hh", action="store_true", help="arms only: leave out the HH-RLHF measure (CPU time)")
     args = ap.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
     Ablations(args).run()

@@ -8,6 +8,7 @@
 #   DATA=../shared/data W=runs/gpu bash benchmarks/gpu_runs.sh
 #
 # Knobs: DEADLINE (seconds to watch before returning; the jobs run on), TINY=1 (tiny settings: checks the wiring on CPU).
+# Where a machine ends a command's processes when it returns, start it under `setsid` and read W in a later call.
 set -u
 DATA=${DATA:-../shared/data}; W=${W:-runs/gpu}; DEADLINE=${DEADLINE:-3600}; PY=${PY:-python3}
 for need in hh-rlhf alpaca-eval arc mmlu self-instruct; do  # roles read all of these (test_helpful drops AlpacaEval prompts)

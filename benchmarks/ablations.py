@@ -43,11 +43,11 @@ from saealign.dspa.fitting import DSPAFitConfig, run_fit
 from saealign.dspa.map import Recommended, record_recommended
 from saealign.eval.attribute_bench import AttributeEvalConfig, run_attribute_eval
 from saealign.eval.attributes import get_scorer
-from saealign.eval.pref import TIE_ATOL, preference_metrics
+from saealign.eval.pref import preference_metrics, reward_hits
 from saealign.dspa.diagnostics import MapSignalConfig, run_map_signal
 from saealign.models import DEFAULT_MODEL, load_model
 from saealign.runtime.scoring import base_scores_cached, score_triples
-from saealign.stats import paired_difference, wins
+from saealign.stats import paired_difference
 from saealign.steering import LatentSteering, load_method
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ class Ablations:
         self.hh_fit = dict(data=str(args.data), data_role="fit", n=args.hh_n, seed=0, max_length=args.hh_max_length)
         self.hh_validation = sample(select_triples(str(args.data), "validation"), args.hh_eval_n, 0)
         self.hh_test = sample(select_triples(str(args.data), "test_helpful"), args.hh_eval_n, 0)
-        self.base, self.hh_scores = {}, {}
+        self.base, self.hh_scores, self.signals = {}, {}, {}
 
     def save(self) -> None:
         self.result.update({"benchmark": "DSPA ablations", "model": DEFAULT_MODEL, "suite": str(self.args.suite),
@@ -139,9 +139,13 @@ class Ablations:
                            "deltas": {k: v.to_json() for k, v in r.deltas.items()}} for r in records}
 
     def signal(self, arm: Arm) -> dict:
+        """Held-out signal of the arm's conditional map, once per fitted map (it does not depend on the steering mode)."""
+        if arm.fit_key in self.signals:  # the same numbers, under this arm's map name
+            return {**self.signals[arm.fit_key], "map": self.map_for(arm, "conditional").name}
         result = run_map_signal(MapSignalConfig(maps=[str(self.map_for(arm, "conditional"))], data=str(self.args.val_triples),
                                                 k_prompt=GRID_STEERING.k_prompt, k_diff=GRID_STEERING.k_diff,
                                                 batch_size=self.args.fit_batch), self.model, self.tok, progress=False)
+        self.signals[arm.fit_key] = result["rows"][0]
         return result["rows"][0]
 
     def hh(self, arm: Arm, split: str) -> dict:
@@ -167,7 +171,8 @@ class Ablations:
             for key, arm in arms.items():
                 row = stage.setdefault(key, {"l_in": arm.sae_in, "l_out": arm.sae_out})
                 row["conditional_validation"] = cond[arm.name]
-                row["map_signal"] = self.signal(arm)
+                if "map_signal" not in row:  # a resumed grid keeps the rows it scored
+                    row["map_signal"] = self.signal(arm)
                 self.save()
             for key in todo:
                 t = time.time()
@@ -246,8 +251,7 @@ class Ablations:
     def _hh_hits(self, arm: Arm) -> np.ndarray:
         """Per test triple: 1 when the arm's reward (log-ratio to base) prefers chosen, 0.5 on a tie, else 0."""
         self.hh(arm, "test")  # fills the score cache
-        scores, base = self.hh_scores["test", arm.name], self.base["test"]
-        return wins(scores.logp_chosen - base.logp_chosen, scores.logp_rejected - base.logp_rejected, TIE_ATOL)
+        return reward_hits(self.hh_scores["test", arm.name], self.base["test"])
 
     def run(self) -> None:
         t0 = time.time()

@@ -46,18 +46,22 @@ def preference_hits(scores: SequenceScores) -> dict[str, np.ndarray]:
             "pref_acc_norm": wins(norm_c, norm_r, TIE_ATOL)}
 
 
+def reward_hits(method: SequenceScores, base: SequenceScores) -> np.ndarray:
+    """Per triple, whether the implicit reward (log-ratio to base) prefers the chosen response (1, a tie 1/2, else 0)."""
+    return wins(method.logp_chosen - base.logp_chosen, method.logp_rejected - base.logp_rejected, TIE_ATOL)
+
+
 def preference_metrics(method: SequenceScores, base: SequenceScores | None, n_boot: int = N_BOOT,
                        seed: int = 0) -> dict[str, Estimate]:
     """Preference accuracies and, against `base`, reward accuracy, tie rate and mean reward margin
     (fractions in [0, 1] and nats), each with its bootstrap interval over triples."""
     out = {name: mean_estimate(hits, n_boot, seed) for name, hits in preference_hits(method).items()}
     if base is not None:
-        r_c = method.logp_chosen - base.logp_chosen
-        r_r = method.logp_rejected - base.logp_rejected
-        hits = wins(r_c, r_r, TIE_ATOL)
+        hits = reward_hits(method, base)
         out["reward_acc"] = mean_estimate(hits, n_boot, seed)
         out["reward_tie_rate"] = mean_estimate((hits == 0.5).astype(float), n_boot, seed)
-        out["reward_margin"] = mean_estimate(r_c - r_r, n_boot, seed)
+        margin = (method.logp_chosen - base.logp_chosen) - (method.logp_rejected - base.logp_rejected)
+        out["reward_margin"] = mean_estimate(margin, n_boot, seed)
     return out
 
 

@@ -158,7 +158,7 @@ def test_config_refuses_test_roles_and_unheld_evaluation():
         SAESuiteConfig(eval_role="fit")
     with pytest.raises(ConfigError, match="wide_layers"):
         SAESuiteConfig(layers=[3], wide_layers=[9])
-    entries = suite_entries(SAESuiteConfig(layers=[9, 24], wide_layers=[24]))
-    assert [entry.name for entry in entries] == ["generic/layer_9_w2560", "generic/layer_24_w2560", "generic/layer_24_w8192",
+    entries = suite_entries(SAESuiteConfig(layers=[24, 9], wide_layers=[9]))  # every layer at --widths before the wide SAEs
+    assert [entry.name for entry in entries] == ["generic/layer_9_w2560", "generic/layer_24_w2560", "generic/layer_9_w8192",
                                                  "preference/layer_9_w2560", "preference/layer_24_w2560",
-                                                 "preference/layer_24_w8192"]
+                                                 "preference/layer_9_w8192"]

@@ -132,10 +132,11 @@ class SuiteEntry:
 
 
 def suite_entries(cfg: SAESuiteConfig) -> list[SuiteEntry]:
-    """Every SAE of the suite: each variant at every (layer, width), generic ones first (they seed the others)."""
-    pairs = [(layer, width) for layer in cfg.layers for width in cfg.widths]
-    pairs += [(layer, cfg.wide_width) for layer in cfg.wide_layers if cfg.wide_width not in cfg.widths]
-    return [SuiteEntry(variant, layer, width) for variant in VARIANTS for layer, width in sorted(pairs)]
+    """Every SAE of the suite: each variant at every (layer, width), generic ones first (they seed the others);
+    within a variant the wide SAEs come last, so an interrupted run already holds every layer at --widths."""
+    pairs = sorted((layer, width) for layer in cfg.layers for width in cfg.widths)
+    pairs += [(layer, cfg.wide_width) for layer in sorted(cfg.wide_layers) if cfg.wide_width not in cfg.widths]
+    return [SuiteEntry(variant, layer, width) for variant in VARIANTS for layer, width in pairs]
 
 
 def run_suite(cfg: SAESuiteConfig) -> dict[str, Any]:

@@ -251,9 +251,22 @@ def test_eval_attributes_records_resume_and_report(tiny, tmp_path, monkeypatch):
     def no_generation(*a, **k):
         raise AssertionError("answers should have been reused")
 
+    import saealign.runtime.scoring as scoring
+
+    real_scoring = scoring.score_triples
     monkeypatch.setattr(generation, "generate_chat", no_generation)
+    monkeypatch.setattr(scoring, "score_triples", no_generation)  # perplexity of unchanged answers: from the cache
     again = run_attribute_eval(AttributeEvalConfig(**cfg), model, tok, progress=False)
     assert again[1].metrics == pp.metrics
+    answers = tmp_path / "ev" / "answers" / "pp.jsonl"
+    records = [json.loads(line) for line in answers.read_text().splitlines()]
+    records[0]["answer"] += " and more words"
+    answers.write_text("".join(json.dumps(r) + "\n" for r in records))
+    scored = []
+    monkeypatch.setattr(scoring, "score_triples", lambda *a, **k: scored.append(1) or real_scoring(*a, **k))
+    edited = run_attribute_eval(AttributeEvalConfig(**cfg), model, tok, progress=False)
+    assert scored == [1], "only the method whose answers changed is scored again"
+    assert edited[1].metrics["perplexity"].value != pp.metrics["perplexity"].value
     with pytest.raises(ValueError, match="answers of another method"):  # same name, other method: not reused
         run_attribute_eval(AttributeEvalConfig(**{**cfg, "methods": ["base", "pp=prompt-prefix:Be brief."]}), model, tok,
                            progress=False)

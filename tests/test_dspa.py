@@ -267,3 +267,80 @@ def test_repe_fit_equals_the_vector_a_dspa_fit_accumulates(sink_factor):
     from_map = fit_map(model, tok, sae_in, sae_out, triples, opts, progress=False).repe_vector()
     fitted = RepE.fit(model, tok, triples, layer=sae_out.layer, batch_size=6, progress=False, sink_factor=sink_factor)
     torch.testing.assert_close(fitted.vector.float(), from_map, rtol=1e-4, atol=1e-5)
+
+
+def _grid_saes(d=64):
+    """SAEs at layers 0..3 of the tiny model, for a grid of every pair l_in < l_out."""
+    torch.manual_seed(5)
+    saes = {}
+    for layer, m in ((0, 32), (1, 48), (2, 40), (3, 36)):
+        sae = SAE(SAEConfig(d_in=d, d_sae=m, architecture="topk", k=6, hook_name=f"blocks.{layer}.hook_resid_post"))
+        with torch.no_grad():
+            sae.W_enc.normal_()
+            sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(m, d), dim=1))
+        saes[layer] = sae.eval()
+    return saes
+
+
+def test_fit_maps_of_a_layer_grid_equal_one_fit_per_pair_from_fewer_passes(tmp_path, monkeypatch):
+    import saealign.dspa.map as map_mod
+    from saealign.dspa import fit_maps
+
+    model, tok, saes = build_tiny("llama"), _CharTok(), _grid_saes()
+    triples, opts = _triples(10), FitOptions(batch_size=4)
+    pairs = [(saes[i], saes[o]) for i in range(4) for o in range(4) if i < o]
+    passes = []
+    real = map_mod.read_residuals
+    monkeypatch.setattr(map_mod, "read_residuals", lambda *a, **k: passes.append(1) or real(*a, **k))
+    joint = fit_maps(model, tok, pairs, triples, opts, [tmp_path / f"p{n}" for n in range(len(pairs))], progress=False)
+    joint_passes = len(passes)
+    singles = [fit_map(model, tok, a, b, triples, opts, progress=False) for a, b in pairs]
+    assert joint_passes == 2 * 3 and len(passes) - joint_passes == len(pairs) * joint_passes  # 3 batches, 2 passes each
+    for m, single, (a, b) in zip(joint, singles, pairs):
+        assert (m.meta.l_in, m.meta.l_out) == (a.layer, b.layer) and m.count == 10
+        assert single.a_sum.dense().abs().sum() > 0, "an empty map would make the comparison vacuous"
+        torch.testing.assert_close(m.a_sum.dense(), single.a_sum.dense())
+        torch.testing.assert_close(m.g_sum, single.g_sum)
+        torch.testing.assert_close(m.repe_sum, single.repe_sum)
+    for n, m in enumerate(joint):  # each map saved in its own directory, loadable as any fit
+        torch.testing.assert_close(DSPAMap.load(tmp_path / f"p{n}").matrix(), m.matrix())
+    from saealign.dspa.diagnostics import held_out_features, held_out_statistics
+
+    g, delta = held_out_features(model, tok, [saes[0], saes[1]], [saes[2], saes[3]], _triples(6), opts, progress=False)
+    single = held_out_statistics(model, tok, saes[1], saes[3], _triples(6), opts, progress=False)
+    assert single.g.abs().sum() > 0 and single.delta.abs().sum() > 0
+    torch.testing.assert_close(g[1], single.g)
+    torch.testing.assert_close(delta[1], single.delta)
+
+
+def test_fit_maps_resumes_maps_that_stopped_at_different_points(tmp_path, monkeypatch):
+    import saealign.dspa.map as map_mod
+    from saealign.dspa import fit_maps
+
+    model, tok, saes = build_tiny("llama"), _CharTok(), _grid_saes()
+    triples, opts = _triples(12), FitOptions(batch_size=4)
+    pairs = [(saes[0], saes[2]), (saes[1], saes[2]), (saes[1], saes[3])]
+    dirs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    fit_map(model, tok, *pairs[0], triples, opts, checkpoint_dir=dirs[0], progress=False)  # finished
+    calls = []
+    real = map_mod.pair_statistics
+
+    def dies_on_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return real(*a, **k)
+
+    monkeypatch.setattr(map_mod, "pair_statistics", dies_on_second)
+    with pytest.raises(RuntimeError, match="injected"):  # pair b: checkpointed after 4 triples
+        fit_map(model, tok, *pairs[1], triples, opts, checkpoint_dir=dirs[1], checkpoint_every=4, progress=False)
+    monkeypatch.undo()
+    assert (dirs[1] / "partial").exists() and not dirs[2].exists()
+    done = fit_maps(model, tok, pairs, triples, opts, dirs, checkpoint_every=4, progress=False)
+    for m, (a, b) in zip(done, pairs):
+        clean = fit_map(model, tok, a, b, triples, opts, progress=False)
+        assert m.count == 12
+        torch.testing.assert_close(m.a_sum.dense(), clean.a_sum.dense())
+    assert not any((d / "partial").exists() for d in dirs)
+    with pytest.raises(ValueError, match="2 SAE pairs but 1 checkpoint"):
+        fit_maps(model, tok, pairs[:2], triples, opts, dirs[:1], progress=False)

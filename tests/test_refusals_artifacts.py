@@ -69,7 +69,7 @@ def test_rerun_into_finished_output_with_other_options_is_refused(tmp_path):
 
 def test_interrupted_fit_resumed_with_other_options_is_refused(tmp_path, monkeypatch):
     triples = char_triples(12)
-    monkeypatch.setattr(map_mod, "fit_batch", _fail_on_call(3, map_mod.fit_batch))  # dies after 8 triples
+    monkeypatch.setattr(map_mod, "pair_statistics", _fail_on_call(3, map_mod.pair_statistics))  # dies after 8 triples
     with pytest.raises(RuntimeError, match="injected"):
         _fit(triples, checkpoint_dir=tmp_path, checkpoint_every=4)
     monkeypatch.undo()
@@ -86,12 +86,12 @@ def test_fit_seconds_cover_every_segment(tmp_path, monkeypatch):
         clock[0] += 10.0  # each batch "takes" 10 s
         return real_batch(*args)
 
-    real_batch = map_mod.fit_batch
+    real_batch = map_mod.pair_statistics
     monkeypatch.setattr(map_mod, "time", types.SimpleNamespace(time=lambda: clock[0]))
-    monkeypatch.setattr(map_mod, "fit_batch", _fail_on_call(2, slow_batch))
+    monkeypatch.setattr(map_mod, "pair_statistics", _fail_on_call(2, slow_batch))
     with pytest.raises(RuntimeError, match="injected"):
         _fit(char_triples(12), checkpoint_dir=tmp_path, checkpoint_every=4)  # 1 batch done and checkpointed
-    monkeypatch.setattr(map_mod, "fit_batch", slow_batch)
+    monkeypatch.setattr(map_mod, "pair_statistics", slow_batch)
     resumed = _fit(char_triples(12), checkpoint_dir=tmp_path, checkpoint_every=4)  # 2 more batches
     assert resumed.meta.fit_seconds == 30.0
 

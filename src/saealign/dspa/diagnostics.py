@@ -6,7 +6,7 @@ chosen and rejected responses. Steering turns a prompt into scores `s(x) = A^T T
 and edits the k_diff latents with the most negative (ablate) or positive (augment) scores. So the map's
 claim about a held-out triple is that `s(x)` points the way `Δρ(x,y+,y-)` does on the latents it edits.
 On held-out triples (never the fitting data), with g and Δρ computed exactly as in fitting
-(`map.fit_batch`), this module measures:
+(`map.pair_statistics`), this module measures:
 
 - `alignment`: per triple, `Σ_{j in E(x)} s_j(x) Δρ_j` over the edited set E(x) (the k_diff latents of
   largest |s_j(x)|, the union of S- and S+ of mode "both"), averaged with its bootstrap 95 % interval
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from saealign.config import check_config
-from saealign.dspa.map import DSPAMap, FitOptions, fit_batch
+from saealign.dspa.map import DSPAMap, FitOptions, pair_statistics
 from saealign.dspa.steer import SteerConfig
 from saealign.models import Dtype, model_option
 from saealign.steering import steering_field
@@ -48,24 +48,33 @@ class HeldOutStatistics:
     delta: torch.Tensor
 
 
-@torch.no_grad()
 def held_out_statistics(model, tokenizer, sae_in, sae_out, triples, options: FitOptions,
                         progress: bool = True) -> HeldOutStatistics:
+    g, delta = held_out_features(model, tokenizer, [sae_in], [sae_out], triples, options, progress)
+    return HeldOutStatistics(g[0], delta[0])
+
+
+@torch.no_grad()
+def held_out_features(model, tokenizer, sae_ins, sae_outs, triples, options: FitOptions,
+                      progress: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """g(x) of every input SAE and Δρ of every output SAE per held-out triple, from shared passes
+    (`map.pair_statistics`): `HeldOutStatistics(g[i], delta[j])` serves the map of pair (i, j) of a grid."""
     from tqdm.auto import tqdm
 
     from saealign.data import collate_pairs, render_triples
 
     rendered = render_triples(tokenizer, triples, max_length=options.max_length, progress=False)
-    g = torch.zeros(len(rendered), sae_in.d_sae)
-    delta = torch.zeros(len(rendered), sae_out.d_sae)
+    g = [torch.zeros(len(rendered), sae.d_sae) for sae in sae_ins]
+    delta = [torch.zeros(len(rendered), sae.d_sae) for sae in sae_outs]
     order = sorted(range(len(rendered)), key=lambda i: rendered[i].length("both"))
     for b0 in tqdm(range(0, len(order), options.batch_size), desc="held-out g, Δρ", disable=not progress):
         idx = order[b0:b0 + options.batch_size]
         items = [rendered[i] for i in idx]
-        g_b, d_b, _ = fit_batch(model, sae_in, sae_out, collate_pairs(items, tokenizer, "chosen", "right"),
-                                collate_pairs(items, tokenizer, "rejected", "right"), options)
-        g[idx], delta[idx] = g_b.cpu().float(), d_b.cpu().float()
-    return HeldOutStatistics(g, delta)
+        g_b, d_b, _ = pair_statistics(model, sae_ins, sae_outs, collate_pairs(items, tokenizer, "chosen", "right"),
+                                      collate_pairs(items, tokenizer, "rejected", "right"), options)
+        for full, part in (*zip(g, g_b), *zip(delta, d_b)):
+            full[idx] = part.cpu().float()
+    return g, delta
 
 
 def prompt_scores(a: torch.Tensor, g: torch.Tensor, k_prompt: int) -> torch.Tensor:

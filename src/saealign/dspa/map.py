@@ -461,13 +461,23 @@ def record_recommended(path: str | Path, recommended: Recommended) -> None:
     write_json(file, {**meta.to_json(), **{k: stored[k] for k in _STORED if k in stored}})
 
 
-@torch.no_grad()
 def fit_batch(model, sae_in: SAE, sae_out: SAE, batch_c: dict, batch_r: dict, options: FitOptions,
               meter: CostMeter | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(g, delta, h_diff) for one batch of triples: chosen pass reads both layers, rejected pass l_out
-    only; h_diff is the chosen-minus-rejected mean residual at l_out over the same response tokens.
-    With a `meter`, both passes (SAE encoders included) are counted."""
-    l_in, l_out = sae_in.layer, sae_out.layer
+    """(g, delta, h_diff) of one SAE pair for one batch of triples (`pair_statistics` with one pair)."""
+    g, delta, h_diff = pair_statistics(model, [sae_in], [sae_out], batch_c, batch_r, options, meter)
+    return g[0], delta[0], h_diff[0]
+
+
+@torch.no_grad()
+def pair_statistics(model, sae_ins: Sequence[SAE], sae_outs: Sequence[SAE], batch_c: dict, batch_r: dict,
+                    options: FitOptions, meter: CostMeter | None = None
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """For one batch of triples: g of every input SAE, and delta and h_diff of every output SAE, from one
+    chosen pass (reading every layer) and one rejected pass (output layers only), so a grid of layer pairs
+    costs two passes, not two per pair. h_diff is the chosen-minus-rejected mean residual at an output
+    layer over the same response tokens. With a `meter`, both passes (SAE encoders included) are counted."""
+    out_layers = sorted({sae.layer for sae in sae_outs})
+    all_layers = sorted({*(sae.layer for sae in sae_ins), *out_layers})
     dev = next(model.parameters()).device
 
     def run(batch: dict, layers: list[int]):
@@ -483,19 +493,24 @@ def fit_batch(model, sae_in: SAE, sae_out: SAE, batch_c: dict, batch_r: dict, op
         counted.extra(int(mask.sum()), sae.d_in, sae.d_sae)
         return prompt_statistic(encode_masked(sae, hidden, mask), mask, stat)
 
-    with measured(meter, *batch_c["input_ids"].shape, layers=max(l_in, l_out) + 1, lm_head=False) as counted:
-        hidden_c, attn_c, resp_c = run(batch_c, sorted({l_in, l_out}))
-        prompt_mask = usable(hidden_c[l_in], attn_c, attn_c.bool() & ~resp_c)
-        g = density(sae_in, hidden_c[l_in], prompt_mask, options.stat, counted)
-        resp_mask_c = usable(hidden_c[l_out], attn_c, resp_c)
-        rho_c = density(sae_out, hidden_c[l_out], resp_mask_c, "density", counted)
-    with measured(meter, *batch_r["input_ids"].shape, layers=l_out + 1, lm_head=False) as counted:
-        hidden_r, attn_r, resp_r = run(batch_r, [l_out])
-        resp_mask_r = usable(hidden_r[l_out], attn_r, resp_r)
-        rho_r = density(sae_out, hidden_r[l_out], resp_mask_r, "density", counted)
-    h_diff = (prompt_statistic(hidden_c[l_out], resp_mask_c, "mean")
-              - prompt_statistic(hidden_r[l_out], resp_mask_r, "mean"))
-    return g, rho_c - rho_r, h_diff
+    def responses(batch: dict, layers: list[int], counted) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+        hidden, attn, resp = run(batch, layers)
+        masks = {layer: usable(hidden[layer], attn, resp) for layer in out_layers}
+        rho = [density(sae, hidden[sae.layer], masks[sae.layer], "density", counted) for sae in sae_outs]
+        means = [prompt_statistic(hidden[layer], masks[layer], "mean") for layer in out_layers]
+        return rho, means, hidden
+
+    with measured(meter, *batch_c["input_ids"].shape, layers=all_layers[-1] + 1, lm_head=False) as counted:
+        rho_c, mean_c, hidden_c = responses(batch_c, all_layers, counted)
+        attn_c = batch_c["attention_mask"].to(dev)
+        prompt_region = attn_c.bool() & ~batch_c["response_mask"].to(dev)
+        g = [density(sae, hidden_c[sae.layer], usable(hidden_c[sae.layer], attn_c, prompt_region), options.stat, counted)
+             for sae in sae_ins]
+    with measured(meter, *batch_r["input_ids"].shape, layers=out_layers[-1] + 1, lm_head=False) as counted:
+        rho_r, mean_r, _ = responses(batch_r, out_layers, counted)
+    delta = [c - r for c, r in zip(rho_c, rho_r)]
+    h_diff = [mean_c[out_layers.index(sae.layer)] - mean_r[out_layers.index(sae.layer)] for sae in sae_outs]
+    return g, delta, h_diff
 
 
 def new_map(model, sae_in: SAE, sae_out: SAE, options: FitOptions, data_fingerprint: str, seed: int | None) -> DSPAMap:
@@ -556,64 +571,122 @@ def fit_map(model, tokenizer, sae_in: SAE, sae_out: SAE, triples, options: FitOp
     refused unless `overwrite`, which starts afresh. `snapshots` (e.g. [1000]) also saves the map over
     the first n triples to `checkpoint_dir/snapshot_{n}` — nested restrictions from one pass.
     """
-    from saealign.data import collate_pairs, render_triples, triples_fingerprint
+    return fit_maps(model, tokenizer, [(sae_in, sae_out)], triples, options, [checkpoint_dir], checkpoint_every,
+                    snapshots, seed, progress, overwrite)[0]
 
+
+def fit_maps(model, tokenizer, pairs: Sequence[tuple[SAE, SAE]], triples, options: FitOptions | None = None,
+             checkpoint_dirs: Sequence[str | Path | None] | None = None, checkpoint_every: int = 256,
+             snapshots: Sequence[int] = (), seed: int | None = None, progress: bool = True,
+             overwrite: bool = False) -> list[DSPAMap]:
+    """The maps of several (input SAE, output SAE) pairs on the same `triples`, from shared forward passes
+    (`pair_statistics`): a layer grid costs what its deepest pair costs, plus the SAE encoders. Each map is
+    exactly the one `fit_map` gives for its pair, saved, checkpointed and resumed in its own directory as
+    `fit_map` does; maps that stopped at different points resume group by group. The recorded cost and fit
+    time of each map are those of the shared passes."""
     if not triples:
         raise ValueError("no preference triples to fit a DSPA map on")
     options = options or FitOptions()
-    sae_in.check_model(model)
-    sae_out.check_model(model)
-    sae_in, sae_out = sae_in.to(next(model.parameters()).device), sae_out.to(next(model.parameters()).device)
-    dspa_map = new_map(model, sae_in, sae_out, options, triples_fingerprint(triples), seed)
-    out = Path(checkpoint_dir) if checkpoint_dir else None
-    state_dir = out / "partial" if out else None
-    if out is not None and overwrite:
+    dirs = [Path(d) if d else None for d in (checkpoint_dirs or [None] * len(pairs))]
+    if len(dirs) != len(pairs):
+        raise ValueError(f"{len(pairs)} SAE pairs but {len(dirs)} checkpoint directories")
+    device = next(model.parameters()).device
+    moved: dict[int, SAE] = {}  # a grid shares each SAE among several pairs: check and move it once
+    for sae in (sae for pair in pairs for sae in pair):
+        if id(sae) not in moved:
+            sae.check_model(model)
+            moved[id(sae)] = sae.to(device)
+    pairs = [(moved[id(a)], moved[id(b)]) for a, b in pairs]
+    maps: list[DSPAMap | None] = [None] * len(pairs)
+    pending: list[int] = []
+    for i, ((sae_in, sae_out), out) in enumerate(zip(pairs, dirs)):
+        maps[i], finished = _start_fit(new_map(model, sae_in, sae_out, options, _fingerprint(triples), seed), out,
+                                       overwrite)
+        if not finished:
+            pending.append(i)
+    for start in sorted({maps[i].count for i in pending}):
+        group = [i for i in pending if maps[i].count == start]
+        done = _fit_group(model, tokenizer, [pairs[i] for i in group], [maps[i] for i in group], [dirs[i] for i in group],
+                          triples, options, checkpoint_every, snapshots, progress)
+        for i, m in zip(group, done):
+            maps[i] = m
+    return maps
+
+
+def _fingerprint(triples) -> str:
+    from saealign.data import triples_fingerprint
+
+    return triples_fingerprint(triples)
+
+
+def _start_fit(fresh: DSPAMap, out: Path | None, overwrite: bool) -> tuple[DSPAMap, bool]:
+    """Where a fit into `out` starts: its last checkpoint, its finished map (True: nothing left to do), or `fresh`.
+    A checkpoint or map with other settings is refused (unless `overwrite`, which clears it)."""
+    if out is None:
+        return fresh, False
+    if overwrite:
         _clear_fit(out)
-    last = max((p for p in state_dir.glob("[0-9]*") if p.is_dir()), default=None) if state_dir else None  # zero-padded
+    state_dir = out / "partial"
+    last = max((p for p in state_dir.glob("[0-9]*") if p.is_dir()), default=None)  # zero-padded names
     if last is not None:
         saved = DSPAMap.load(last)
-        _refuse_other_settings(saved.meta, dspa_map.meta, state_dir)
-        dspa_map = saved
+        _refuse_other_settings(saved.meta, fresh.meta, state_dir)
         log.info("resuming DSPA fit after %d triples", saved.count)
-    elif out is not None and (out / CONFIG).exists():
+        return saved, False
+    if (out / CONFIG).exists():
         saved = DSPAMap.load(out)
-        _refuse_other_settings(saved.meta, dspa_map.meta, out)
+        _refuse_other_settings(saved.meta, fresh.meta, out)
         log.info("%s already holds this fit; returning it", out)
-        return saved
-    start, seconds_before = dspa_map.count, dspa_map.meta.fit_seconds or 0.0
-    meter = CostMeter("dspa fit", model, resume=dspa_map.meta.cost)
+        return saved, True
+    return fresh, False
+
+
+def _fit_group(model, tokenizer, pairs: list[tuple[SAE, SAE]], maps: list[DSPAMap], dirs: list[Path | None], triples,
+               options: FitOptions, checkpoint_every: int, snapshots: Sequence[int], progress: bool) -> list[DSPAMap]:
+    """Continue maps that all hold the same first `count` triples to the end of `triples`."""
+    from saealign.data import collate_pairs, render_triples
+
+    sae_ins = list({id(a): a for a, _ in pairs}.values())
+    sae_outs = list({id(b): b for _, b in pairs}.values())
+    slots = [(sae_ins.index(a), sae_outs.index(b)) for a, b in pairs]
+    start, seconds_before = maps[0].count, maps[0].meta.fit_seconds or 0.0
+    meter = CostMeter("dspa fit", model, resume=maps[0].meta.cost)
     # Segment ends: checkpoints, snapshots and the end. Order is kept across segments (so a count or
     # snapshot means "the first n triples"); inside a segment triples are length-sorted into batches.
     ends = sorted({*range(start + checkpoint_every, len(triples), checkpoint_every),
                    *(n for n in snapshots if start < n < len(triples)), len(triples)} - {start})
-    bar = tqdm(total=len(triples), initial=start, desc="DSPA fit", unit="triple", disable=not progress)
+    bar = tqdm(total=len(triples), initial=start, desc="DSPA fit" + (f" ({len(maps)} maps)" if len(maps) > 1 else ""),
+               unit="triple", disable=not progress)
     t0 = time.time()
     for end in ends:
-        rendered = render_triples(tokenizer, triples[dspa_map.count: end], max_length=options.max_length, progress=False)
+        rendered = render_triples(tokenizer, triples[start: end], max_length=options.max_length, progress=False)
         order = sorted(range(len(rendered)), key=lambda i: rendered[i].length("both"))
         for b0 in range(0, len(order), options.batch_size):
             items = [rendered[i] for i in order[b0: b0 + options.batch_size]]
-            g, delta, h_diff = fit_batch(model, sae_in, sae_out, collate_pairs(items, tokenizer, "chosen", "right"),
-                                 collate_pairs(items, tokenizer, "rejected", "right"), options, meter)
-            dspa_map.a_sum.add_outer(g.cpu(), delta.cpu())
-            dspa_map.g_sum += g.sum(0).double().cpu()
-            dspa_map.repe_sum += h_diff.sum(0).double().cpu()
-            dspa_map.count += len(items)
+            g, delta, h_diff = pair_statistics(model, sae_ins, sae_outs, collate_pairs(items, tokenizer, "chosen", "right"),
+                                               collate_pairs(items, tokenizer, "rejected", "right"), options, meter)
+            for m, (i, j) in zip(maps, slots):
+                m.a_sum.add_outer(g[i].cpu(), delta[j].cpu())
+                m.g_sum += g[i].sum(0).double().cpu()
+                m.repe_sum += h_diff[j].sum(0).double().cpu()
+                m.count += len(items)
             bar.update(len(items))
-        dspa_map.meta.fit_seconds = round(seconds_before + time.time() - t0, 2)  # all segments of a resumed fit
-        dspa_map.meta.cost = meter.result()
-        if end in snapshots and out is not None:
-            snap = dataclasses.replace(dspa_map, meta=dataclasses.replace(
-                dspa_map.meta, data_fingerprint=triples_fingerprint(triples[:end])))
-            _save_whole(snap, out / f"snapshot_{end}")
-        if state_dir is not None and end < len(triples):
-            checkpoint = state_dir / f"{end:012d}"
-            _save_whole(dspa_map, checkpoint)
-            for older in state_dir.glob("[0-9]*"):
-                if older != checkpoint:
-                    shutil.rmtree(older)
+        start = end
+        for m, out in zip(maps, dirs):
+            m.meta.fit_seconds = round(seconds_before + time.time() - t0, 2)  # all segments of a resumed fit
+            m.meta.cost = meter.result()
+            if end in snapshots and out is not None:
+                snap = dataclasses.replace(m, meta=dataclasses.replace(m.meta, data_fingerprint=_fingerprint(triples[:end])))
+                _save_whole(snap, out / f"snapshot_{end}")
+            if out is not None and end < len(triples):
+                checkpoint = out / "partial" / f"{end:012d}"
+                _save_whole(m, checkpoint)
+                for older in (out / "partial").glob("[0-9]*"):
+                    if older != checkpoint:
+                        shutil.rmtree(older)
     bar.close()
-    if out is not None:
-        dspa_map.save(out)
-        shutil.rmtree(state_dir, ignore_errors=True)
-    return dspa_map
+    for m, out in zip(maps, dirs):
+        if out is not None:
+            m.save(out)
+            shutil.rmtree(out / "partial", ignore_errors=True)
+    return maps

@@ -20,6 +20,8 @@ OUT/deltas.png.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -137,14 +139,32 @@ def generate_answers(cfg: AttributeEvalConfig, prompts, name: str, spec: str, ba
     return [saved[p.id] for p in prompts]
 
 
-def base_nll(model, tokenizer, prompts, answers: list[str]) -> tuple[float, int]:
-    """Summed token NLL of the answers under the (base) model, and the token count."""
+def base_nll(model, tokenizer, prompts, answers: list[str], cache: Path | None = None) -> tuple[float, int]:
+    """Summed token NLL of the answers under the (base) model, and the token count. With `cache`, the result
+    is kept in that file under a key of the model's weights and the exact (prompt, answer) pairs, so a rerun,
+    or a run that adds methods, scores only answers it has not scored (this pass costs about what generating
+    them did)."""
     from saealign.data import PreferenceTriple
     from saealign.runtime.scoring import score_triples
 
+    key = None
+    if cache is not None:
+        from saealign._io import read_json
+        from saealign.models import model_fingerprint
+
+        pairs = [[p.conversation, a] for p, a in zip(prompts, answers)]
+        key = hashlib.sha256(json.dumps([model_fingerprint(model), pairs], sort_keys=True).encode()).hexdigest()
+        saved = read_json(cache) if cache.exists() else {}
+        if saved.get("key") == key:
+            return saved["nll"], saved["tokens"]
     triples = [PreferenceTriple(p.conversation, a, "") for p, a in zip(prompts, answers)]
     scores = score_triples(model, tokenizer, triples, progress=False)
-    return float(-scores.logp_chosen.sum()), int(scores.len_chosen.sum())
+    nll, tokens = float(-scores.logp_chosen.sum()), int(scores.len_chosen.sum())
+    if cache is not None:
+        from saealign._io import write_json
+
+        write_json(cache, {"key": key, "nll": nll, "tokens": tokens})
+    return nll, tokens
 
 
 def method_metrics(scorer: Scorer, scores: np.ndarray, base_scores: np.ndarray, kinds: list[str | None],
@@ -200,7 +220,7 @@ def run_attribute_eval(cfg: AttributeEvalConfig, model=None, tokenizer=None, pro
             "split_seed": cfg.split_seed, "n_by_kind": config["n_by_kind"]}
     records = []
     for name, spec in entries:
-        nll = base_nll(model, tokenizer, prompts, answers[name])
+        nll = base_nll(model, tokenizer, prompts, answers[name], _answers_path(out, name).with_suffix(".nll.json"))
         metrics, delta, headline = method_metrics(scorer, scores[name], scores[base_name], kinds, answers[name], nll,
                                                   cfg.n_boot, cfg.seed)
         records.append(ResultRecord(benchmark, name, metrics, headline, {**config, "method_spec": spec},

@@ -1,5 +1,9 @@
 """DSPA: the map (sums, merge, sparsity, refusal of mismatches) and the steering rule."""
 
+import dataclasses
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -344,3 +348,26 @@ def test_fit_maps_resumes_maps_that_stopped_at_different_points(tmp_path, monkey
     assert not any((d / "partial").exists() for d in dirs)
     with pytest.raises(ValueError, match="2 SAE pairs but 1 checkpoint"):
         fit_maps(model, tok, pairs[:2], triples, opts, dirs[:1], progress=False)
+
+
+def test_run_fits_shares_passes_records_each_fit_and_refuses_other_data(tmp_path):
+    from saealign.dspa.fitting import DSPAFitConfig, run_fit, run_fits
+
+    model, tok, saes = build_tiny("llama"), _CharTok(), _grid_saes()
+    for layer, sae in saes.items():
+        sae.save(tmp_path / f"sae{layer}")
+    data = tmp_path / "triples.jsonl"
+    data.write_text("".join(json.dumps({"prompt": t.prompt[0]["content"], "chosen": t.chosen, "rejected": t.rejected}) + "\n"
+                            for t in _triples(9)))
+    common = dict(data=str(data), batch_size=4, max_length=64)
+    cfgs = [DSPAFitConfig(**common, sae_in=str(tmp_path / f"sae{i}"), sae_out=str(tmp_path / f"sae{o}"),
+                          output=str(tmp_path / f"map{i}{o}"), threshold=0.01 * i) for i, o in ((0, 2), (1, 2), (1, 3))]
+    maps = run_fits(cfgs, model, tok)
+    for m, cfg in zip(maps, cfgs):
+        alone = run_fit(dataclasses.replace(cfg, output=str(tmp_path / "alone" / Path(cfg.output).name)), model, tok)
+        saved = DSPAMap.load(cfg.output)
+        assert saved.meta.threshold == cfg.threshold and saved.meta.data.source == str(data) and saved.count == 9
+        assert alone.a_sum.dense().abs().sum() > 0
+        torch.testing.assert_close(saved.a_sum.dense(), alone.a_sum.dense())
+    with pytest.raises(ValueError, match=r"may differ only in sae_in.*n None there, 4 now"):
+        run_fits([cfgs[0], dataclasses.replace(cfgs[1], n=4)], model, tok)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
-from saealign.config import check_config
+from saealign.config import check_config, differing_settings
 from saealign.data import in_draw_order, select_triples
-from saealign.dspa.map import DSPAMap, FitData, FitOptions, fit_map, merge_maps
+from saealign.dspa.map import DSPAMap, FitData, FitOptions, fit_maps, merge_maps
 from saealign.models import ModelOptions
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,31 @@ def _launch_state():
 
 def run_fit(cfg: DSPAFitConfig, model=None, tokenizer=None) -> DSPAMap:
     """Fit and save a map. Under `accelerate launch` each process fits a shard and rank 0 merges them."""
+    return run_fits([cfg], model, tokenizer)[0]
+
+
+# What a set of fits may differ in and still share their forward passes.
+PER_FIT = ("sae_in", "sae_out", "output", "threshold")
+
+
+def run_fits(cfgs: Sequence[DSPAFitConfig], model=None, tokenizer=None) -> list[DSPAMap]:
+    """Fit and save maps that differ only in their SAE pair, output and threshold (a layer grid, say), all from
+    the same forward passes (`fit_maps`). Under `accelerate launch` each process fits a shard of the triples
+    and rank 0 merges them (the other ranks return their shards)."""
     from saealign.models import load_model
     from saealign.sae import load_sae
 
-    if not cfg.data or not cfg.output:
+    if not cfgs:
+        raise ValueError("run_fits needs at least one fit")
+    cfg = cfgs[0]
+    if not cfg.data or any(not c.output for c in cfgs):
         raise ValueError("dspa fit needs --data and --output")
+    shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in PER_FIT}
+    for other in cfgs[1:]:
+        diffs = differing_settings(shared, {k: v for k, v in dataclasses.asdict(other).items() if k not in PER_FIT})
+        if diffs:
+            raise ValueError(f"fits sharing their passes may differ only in {', '.join(PER_FIT)}; "
+                             f"{other.output} differs from {cfg.output}: {diffs}")
     # the data before the model: an empty selection fails before anything heavy loads
     options = FitOptions(stat=cfg.stat, batch_size=cfg.batch_size, max_length=cfg.max_length)
     triples = select_triples(cfg.data, cfg.data_role, cfg.n, cfg.seed)
@@ -73,23 +94,25 @@ def run_fit(cfg: DSPAFitConfig, model=None, tokenizer=None) -> DSPAMap:
     if model is None:
         device = state.device if state.num_processes > 1 else cfg.device
         model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype)
-    sae_in, sae_out = load_sae(cfg.sae_in), load_sae(cfg.sae_out)
-    out = Path(cfg.output)
+    saes = {spec: load_sae(spec) for spec in dict.fromkeys(s for c in cfgs for s in (c.sae_in, c.sae_out))}
+    pairs = [(saes[c.sae_in], saes[c.sae_out]) for c in cfgs]
+    outs = [Path(c.output) for c in cfgs]
     if state.num_processes == 1:
-        dspa_map = fit_map(model, tokenizer, sae_in, sae_out, triples, options, checkpoint_dir=out,
-                           checkpoint_every=cfg.checkpoint_every, snapshots=cfg.snapshots, seed=cfg.seed,
-                           overwrite=cfg.overwrite)
-    else:  # each shard is saved to its directory by fit_map
+        maps = fit_maps(model, tokenizer, pairs, triples, options, outs, checkpoint_every=cfg.checkpoint_every,
+                        snapshots=cfg.snapshots, seed=cfg.seed, overwrite=cfg.overwrite)
+    else:  # each shard is saved to its directory by fit_maps
         shard = triples[state.process_index:: state.num_processes]
-        part = fit_map(model, tokenizer, sae_in, sae_out, shard, options, checkpoint_dir=out / f"shard_{state.process_index}",
-                       checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, progress=state.is_main_process,
-                       overwrite=cfg.overwrite)
+        parts = fit_maps(model, tokenizer, pairs, shard, options, [out / f"shard_{state.process_index}" for out in outs],
+                         checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, progress=state.is_main_process,
+                         overwrite=cfg.overwrite)
         state.wait_for_everyone()
         if not state.is_main_process:
-            return part
+            return parts
         # shards are disjoint by construction (equal fingerprints only if the data repeats itself)
-        dspa_map = merge_maps([DSPAMap.load(out / f"shard_{r}") for r in range(state.num_processes)], allow_overlap=True)
-    dspa_map.meta.threshold = cfg.threshold
-    dspa_map.meta.data = FitData(cfg.data, cfg.data_role, len(triples), cfg.seed)
-    dspa_map.save(out)
-    return dspa_map
+        maps = [merge_maps([DSPAMap.load(out / f"shard_{r}") for r in range(state.num_processes)], allow_overlap=True)
+                for out in outs]
+    for dspa_map, c, out in zip(maps, cfgs, outs):
+        dspa_map.meta.threshold = c.threshold
+        dspa_map.meta.data = FitData(c.data, c.data_role, len(triples), c.seed)
+        dspa_map.save(out)
+    return maps

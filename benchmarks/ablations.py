@@ -10,8 +10,12 @@ Two measures, every map fitted twice (same SAEs, same steering):
 Stages (each written to OUTPUT/ablations.json as it ends; a rerun resumes: maps, answers and finished stages are
 kept):
 1. layer grid: every pair l_in < l_out of the suite's layers, generic SAEs of the base width, one fixed steering
-   setting (GRID_STEERING); the pair is chosen by the conditional attribute's validation gain (the HH measure's
-   own best pair is reported beside it);
+   setting (GRID_STEERING). Every pair's maps and held-out map signal come from shared forward passes (`run_fits`,
+   `held_out_features`: the 21 pairs of 7 layers cost about one fit at the deepest pair). The outcome measures
+   (greedy answers, HH scoring: a pass per pair) run on every pair with --full-grid, or by a coordinate search
+   (the default, for CPU): l_in over the pairs ending at --anchor-out (24, the shipped output layer), then l_out
+   from the best l_in. The pair is chosen by the conditional attribute's validation gain (the HH measure's own
+   best pair and the largest map signal are reported beside it);
 2. at that pair, one choice changed per arm: preference-domain SAEs (the suite's fine-tuned variant), the wide
    SAEs, mode ablate / augment (the grid uses both), stat mean (the grid uses density); the shipped SAEs (9, 24)
    as today's default; each arm on validation;
@@ -39,13 +43,14 @@ import torch
 from attributes_pairwise import per_prompt
 from saealign._io import read_json, write_json
 from saealign.data import sample, select_triples
-from saealign.dspa.fitting import DSPAFitConfig, run_fit
-from saealign.dspa.map import Recommended, record_recommended
+from saealign.dspa.fitting import DSPAFitConfig, run_fits
+from saealign.dspa.map import DSPAMap, Recommended, record_recommended
 from saealign.eval.attribute_bench import AttributeEvalConfig, run_attribute_eval
 from saealign.eval.attributes import get_scorer
 from saealign.eval.pref import preference_metrics, reward_hits
-from saealign.dspa.diagnostics import MapSignalConfig, run_map_signal
+from saealign.dspa.diagnostics import HeldOutStatistics, held_out_features, map_signal
 from saealign.models import DEFAULT_MODEL, load_model
+from saealign.sae import load_sae
 from saealign.runtime.scoring import base_scores_cached, score_triples
 from saealign.stats import paired_difference
 from saealign.steering import LatentSteering, load_method
@@ -92,7 +97,8 @@ class Ablations:
         self.hh_fit = dict(data=str(args.data), data_role="fit", n=args.hh_n, seed=0, max_length=args.hh_max_length)
         self.hh_validation = sample(select_triples(str(args.data), "validation"), args.hh_eval_n, 0)
         self.hh_test = sample(select_triples(str(args.data), "test_helpful"), args.hh_eval_n, 0)
-        self.base, self.hh_scores, self.signals = {}, {}, {}
+        self.val_triples = select_triples(str(args.val_triples))
+        self.base, self.hh_scores, self.signals_by_fit = {}, {}, {}
 
     def save(self) -> None:
         self.result.update({"benchmark": "DSPA ablations", "model": DEFAULT_MODEL, "suite": str(self.args.suite),
@@ -104,16 +110,28 @@ class Ablations:
         write_json(self.result_path, self.result)
 
     # maps ---------------------------------------------------------------------------------------------------
-    def map_for(self, arm: Arm, measure: str) -> Path:
-        """The arm's map for `measure` (conditional | hh): fitted once per fit key, copied with the arm's steering."""
-        fitted = self.out / "maps" / measure / arm.fit_key
-        if not (fitted / "config.json").exists():
-            data = (dict(data=str(self.args.triples), max_length=self.args.attr_max_length) if measure == "conditional"
-                    else self.hh_fit)
+    def fitted(self, arm: Arm, measure: str) -> Path:
+        return self.out / "maps" / measure / arm.fit_key
+
+    def fit(self, arms: list[Arm], measure: str) -> None:
+        """Fit the maps the arms lack for `measure` (conditional | hh); arms with the same prompt statistic share
+        their forward passes (`run_fits`), so the whole layer grid costs about one fit at its deepest pair."""
+        data = (dict(data=str(self.args.triples), max_length=self.args.attr_max_length) if measure == "conditional"
+                else self.hh_fit)
+        todo = {arm.fit_key: arm for arm in arms if not (self.fitted(arm, measure) / "config.json").exists()}
+        for stat in sorted({arm.stat for arm in todo.values()}):
+            group = [arm for arm in todo.values() if arm.stat == stat]
             t = time.time()
-            run_fit(DSPAFitConfig(**data, output=str(fitted), sae_in=arm.sae_in, sae_out=arm.sae_out, stat=arm.stat,
-                                  batch_size=self.args.fit_batch, checkpoint_every=10 ** 6), self.model, self.tok)
-            print(f"  fit {measure} {arm.fit_key}: {time.time() - t:.0f} s", flush=True)
+            run_fits([DSPAFitConfig(**data, output=str(self.fitted(arm, measure)), sae_in=arm.sae_in, sae_out=arm.sae_out,
+                                    stat=stat, batch_size=self.args.fit_batch, checkpoint_every=self.args.fit_checkpoint)
+                      for arm in group], self.model, self.tok)
+            print(f"  fit {measure}: {len(group)} map(s) ({stat}) from shared passes in {time.time() - t:.0f} s", flush=True)
+
+    def map_for(self, arm: Arm, measure: str) -> Path:
+        """The arm's map for `measure`: fitted once per fit key, copied with the arm's steering."""
+        fitted = self.fitted(arm, measure)
+        if not (fitted / "config.json").exists():
+            self.fit([arm], measure)
         steered = self.out / "maps" / measure / f"{arm.fit_key}__{arm.name}"
         if not (steered / "config.json").exists():
             tmp = steered.with_name(steered.name + ".tmp")
@@ -138,15 +156,26 @@ class Ablations:
         return {r.method: {"metrics": {k: v.to_json() for k, v in r.metrics.items()},
                            "deltas": {k: v.to_json() for k, v in r.deltas.items()}} for r in records}
 
-    def signal(self, arm: Arm) -> dict:
-        """Held-out signal of the arm's conditional map, once per fitted map (it does not depend on the steering mode)."""
-        if arm.fit_key in self.signals:  # the same numbers, under this arm's map name
-            return {**self.signals[arm.fit_key], "map": self.map_for(arm, "conditional").name}
-        result = run_map_signal(MapSignalConfig(maps=[str(self.map_for(arm, "conditional"))], data=str(self.args.val_triples),
-                                                k_prompt=GRID_STEERING.k_prompt, k_diff=GRID_STEERING.k_diff,
-                                                batch_size=self.args.fit_batch), self.model, self.tok, progress=False)
-        self.signals[arm.fit_key] = result["rows"][0]
-        return result["rows"][0]
+    def signals(self, arms: list[Arm]) -> dict[str, dict]:
+        """Held-out signal of each arm's conditional map on the validation triples (`eval map-signal`'s numbers).
+        g and Δρ come from one set of passes per prompt statistic for every SAE the arms use, and a map's
+        signal does not depend on the steering mode, so it is computed once per fitted map."""
+        todo = [arm for arm in arms if arm.fit_key not in self.signals_by_fit]
+        self.fit(todo, "conditional")
+        for stat in sorted({arm.stat for arm in todo}):
+            group = {arm.fit_key: arm for arm in todo if arm.stat == stat}
+            maps = {key: DSPAMap.load(self.fitted(arm, "conditional")) for key, arm in group.items()}
+            ins = list(dict.fromkeys(arm.sae_in for arm in group.values()))
+            outs = list(dict.fromkeys(arm.sae_out for arm in group.values()))
+            options = dataclasses.replace(next(iter(maps.values())).meta.options, batch_size=self.args.fit_batch)
+            t = time.time()
+            g, delta = held_out_features(self.model, self.tok, [load_sae(x) for x in ins], [load_sae(x) for x in outs],
+                                         self.val_triples, options, progress=False)
+            for key, arm in group.items():
+                held_out = HeldOutStatistics(g[ins.index(arm.sae_in)], delta[outs.index(arm.sae_out)])
+                self.signals_by_fit[key] = map_signal(maps[key], held_out, GRID_STEERING.k_prompt, GRID_STEERING.k_diff)[0]
+            print(f"  map signal: {len(group)} map(s) ({stat}) in {time.time() - t:.0f} s", flush=True)
+        return {arm.name: {**self.signals_by_fit[arm.fit_key], "map": arm.fit_key} for arm in arms}
 
     def hh(self, arm: Arm, split: str) -> dict:
         triples = self.hh_validation if split == "validation" else self.hh_test
@@ -160,34 +189,65 @@ class Ablations:
 
     # stages -------------------------------------------------------------------------------------------------
     def grid(self) -> tuple[int, int]:
+        """Every pair l_in < l_out: maps and held-out map signal for all of them (shared passes); the outcome
+        measures (generation and HH scoring, the costly part) on every pair with --full-grid, else by a
+        coordinate search: l_in over the pairs ending at --anchor-out, then l_out from the best l_in."""
         layers, width, suite = self.args.layers, self.args.width, self.args.suite
-        pairs = [(i, o) for i in layers for o in layers if i < o]
-        stage = self.result.setdefault("grid", {})
         arms = {f"{i}_{o}": Arm(f"L{i}_L{o}", sae_dir(suite, "generic", i, width), sae_dir(suite, "generic", o, width))
-                for i, o in pairs}
-        todo = [k for k in arms if "hh_validation" not in stage.get(k, {})]
-        if todo:
-            cond = self.conditional(list(arms.values()), "validation")
-            for key, arm in arms.items():
-                row = stage.setdefault(key, {"l_in": arm.sae_in, "l_out": arm.sae_out})
-                row["conditional_validation"] = cond[arm.name]
-                if "map_signal" not in row:  # a resumed grid keeps the rows it scored
-                    row["map_signal"] = self.signal(arm)
-                self.save()
-            for key in todo:
-                t = time.time()
-                stage[key]["hh_validation"] = self.hh(arms[key], "validation")
-                print(f"  hh validation {key}: reward acc {stage[key]['hh_validation']['reward_acc']['value']:.3f} "
-                      f"({time.time() - t:.0f} s)", flush=True)
-                self.save()
-        gain = {k: v["conditional_validation"]["deltas"]["balanced_accuracy"]["value"] for k, v in stage.items()}
-        best = max(gain, key=lambda k: (gain[k], stage[k]["map_signal"]["alignment"]["value"]))
-        hh_best = max(stage, key=lambda k: stage[k]["hh_validation"]["reward_acc"]["value"])
-        self.result["chosen_pair"] = {"conditional": best, "hh": hh_best,
+                for i in layers for o in layers if i < o}
+        stage = self.result.setdefault("grid", {})
+        for key, arm in arms.items():
+            stage.setdefault(key, {"l_in": arm.sae_in, "l_out": arm.sae_out})
+        self.fit(list(arms.values()), "conditional")
+        self.fit(list(arms.values()), "hh")
+        unsignalled = {key: arm for key, arm in arms.items() if "map_signal" not in stage[key]}
+        signals = self.signals(list(unsignalled.values()))
+        for key, arm in unsignalled.items():
+            stage[key]["map_signal"] = signals[arm.name]
+        self.save()
+        if self.args.full_grid:
+            rounds = [list(arms)]
+        else:
+            anchor = self.args.anchor_out
+            if anchor not in layers or anchor == min(layers):
+                raise SystemExit(f"--anchor-out {anchor} must be one of --layers {layers} above the first")
+            first = [f"{i}_{anchor}" for i in layers if i < anchor]
+            self.evaluate(first, arms)
+            best_in = int(self.best(first).split("_")[0])
+            rounds = [first, [f"{best_in}_{o}" for o in layers if o > best_in and o != anchor]]
+        for keys in rounds:
+            self.evaluate(keys, arms)
+        evaluated = [k for keys in rounds for k in keys]
+        self.result["search"] = {"mode": "full grid" if self.args.full_grid else "coordinate",
+                                 "anchor_out": None if self.args.full_grid else self.args.anchor_out, "rounds": rounds}
+        hh_best = max(evaluated, key=lambda k: stage[k]["hh_validation"]["reward_acc"]["value"])
+        signal_best = max(stage, key=lambda k: stage[k]["map_signal"]["alignment"]["value"])
+        self.result["chosen_pair"] = {"conditional": self.best(evaluated), "hh": hh_best, "map_signal": signal_best,
                                       "rule": "largest validation gain in balanced accuracy (ties: map-signal alignment)"}
         self.save()
-        i, o = map(int, best.split("_"))
+        i, o = map(int, self.result["chosen_pair"]["conditional"].split("_"))
         return i, o
+
+    def best(self, keys: list[str]) -> str:
+        stage = self.result["grid"]
+        return max(keys, key=lambda k: (stage[k]["conditional_validation"]["deltas"]["balanced_accuracy"]["value"],
+                                        stage[k]["map_signal"]["alignment"]["value"]))
+
+    def evaluate(self, keys: list[str], arms: dict[str, Arm]) -> None:
+        """The outcome measures of these grid pairs on validation (pairs already scored are kept)."""
+        stage = self.result["grid"]
+        todo = [k for k in keys if "hh_validation" not in stage[k]]
+        if not todo:
+            return
+        cond = self.conditional([arms[k] for k in todo], "validation")
+        for key in todo:
+            stage[key]["conditional_validation"] = cond[arms[key].name]
+            t = time.time()
+            stage[key]["hh_validation"] = self.hh(arms[key], "validation")
+            print(f"  {key}: Δ balanced acc. {cond[arms[key].name]['deltas']['balanced_accuracy']['value']:+.3f}, "
+                  f"hh reward acc {stage[key]['hh_validation']['reward_acc']['value']:.3f} ({time.time() - t:.0f} s)",
+                  flush=True)
+            self.save()
 
     def arms_at(self, i: int, o: int) -> list[Arm]:
         """At the chosen pair: the reference, the SAE-type and width arms, the steering arms, the shipped pair."""
@@ -218,14 +278,17 @@ class Ablations:
         measures = ["conditional"] + ([] if self.args.skip_hh else [f"hh_{split}"])
         if all(m in stage.get(a.name, {}) for a in arms for m in measures):
             return
+        for measure in ("conditional", *([] if self.args.skip_hh else ["hh"])):
+            self.fit(arms, measure)  # the arms' SAE pairs from shared passes
         cond = self.conditional(arms, split)
+        signals = self.signals(arms) if split == "validation" else {}
         stage["base"] = {"conditional": cond["base"]}
         for arm in arms:
             row = stage.setdefault(arm.name, {"sae_in": arm.sae_in, "sae_out": arm.sae_out, "stat": arm.stat,
                                               "steering": dataclasses.asdict(arm.steering)})
             row["conditional"] = cond[arm.name]
             if split == "validation":
-                row["map_signal"] = self.signal(arm)
+                row["map_signal"] = signals[arm.name]
             if not self.args.skip_hh:
                 row[f"hh_{split}"] = self.hh(arm, split)
             self.save()
@@ -286,13 +349,16 @@ def plot_grid(result: dict, layers: list[int], path: Path) -> None:
         grid = np.full((len(layers), len(layers)), np.nan)
         for key, row in result["grid"].items():
             i, o = map(int, key.split("_"))
-            v = value(row) if "hh_validation" in row else None
-            grid[layers.index(i), layers.index(o)] = np.nan if v is None else v
+            try:
+                grid[layers.index(i), layers.index(o)] = value(row)
+            except KeyError:  # a pair the coordinate search did not evaluate: left blank
+                pass
         im = ax.imshow(grid, cmap="RdBu_r" if "Δ" in title else "viridis", origin="lower",
                        **({"vmin": -np.nanmax(np.abs(grid)), "vmax": np.nanmax(np.abs(grid))} if "Δ" in title else {}))
         for (a, b), v in np.ndenumerate(grid):
             if not np.isnan(v):
-                ax.text(b, a, f"{v:+.3f}" if "Δ" in title else f"{v:.3f}", ha="center", va="center", fontsize=7)
+                ax.text(b, a, f"{v:+.3f}" if "Δ" in title else f"{v:.3f}", ha="center", va="center", fontsize=7,
+                        bbox={"facecolor": "white", "alpha": 0.6, "linewidth": 0})
         ax.set_xticks(range(len(layers)), layers)
         ax.set_yticks(range(len(layers)), layers)
         ax.set_xlabel("l_out (edited layer)")
@@ -317,18 +383,24 @@ def _level(estimate: dict) -> str:
 def markdown(result: dict) -> str:
     lines = ["# DSPA ablations", "", f"Steering of the grid and the arms: {result['grid_steering']}."]
     if "chosen_pair" in result:
+        search = result.get("search", {})
         lines += [f"Chosen pair (conditional validation gain): {result['chosen_pair']['conditional']}; "
-                  f"HH validation's best: {result['chosen_pair']['hh']}.", "", "## Layer grid (validation)", "",
-                  "| l_in_l_out | Δ balanced acc. (pp) | map-signal alignment | HH reward acc. % |", "|---|---|---|---|"]
+                  f"HH validation's best: {result['chosen_pair']['hh']}; largest map signal: "
+                  f"{result['chosen_pair'].get('map_signal')}.",
+                  f"Search: {search.get('mode')}" + (f" (first round l_out = {search['anchor_out']}, then l_out from the "
+                                                     f"best l_in); pairs scored: {sum(map(len, search['rounds']))} of "
+                                                     f"{len(result['grid'])}" if search.get("anchor_out") else "") + ".",
+                  "", "## Layer grid (validation)", "",
+                  "| l_in_l_out | Δ balanced acc. (pp) | map-signal alignment [95 % CI] | HH reward acc. % |", "|---|---|---|---|"]
     else:
         lines.append("No SAE suite: the arms use the shipped SAEs (layers 9 and 24).")
     for key, row in sorted(result.get("grid", {}).items(), key=lambda kv: tuple(map(int, kv[0].split("_")))):
-        if "hh_validation" not in row:
+        if "map_signal" not in row:
             continue
-        acc = row["hh_validation"]["reward_acc"]
-        alignment = row["map_signal"]["alignment"]["value"]
-        lines.append(f"| {key} | {_cell(row['conditional_validation']['deltas']['balanced_accuracy'])} | "
-                     f"{alignment:.3f} | {_level(acc)} |")
+        scored = "hh_validation" in row  # else: not on the coordinate search's path
+        lines.append(f"| {key} | {_cell(row['conditional_validation']['deltas']['balanced_accuracy']) if scored else '—'} | "
+                     f"{_cell(row['map_signal']['alignment'], 1.0)} | "
+                     f"{_level(row['hh_validation']['reward_acc']) if scored else '—'} |")
     for split in ("validation", "test"):
         stage = result.get(f"arms_{split}")
         if not stage:
@@ -375,6 +447,10 @@ def main() -> None:
     ap.add_argument("--hh-n", type=int, default=500, help="fit-pool triples of each HH-RLHF map (seeded draw)")
     ap.add_argument("--hh-eval-n", type=int, default=300, help="HH-RLHF validation and test triples (seeded draws)")
     ap.add_argument("--hh-max-length", type=int, default=384)
+    ap.add_argument("--anchor-out", type=int, default=24, help="coordinate search: l_out of the first round "
+                    "(the shipped output layer)")
+    ap.add_argument("--full-grid", action="store_true", help="outcome measures on every pair (GPU), not a coordinate search")
+    ap.add_argument("--fit-checkpoint", type=int, default=128, help="triples between checkpoints of the shared fits")
     ap.add_argument("--skip-hh", action="store_true", help="arms only: leave out the HH-RLHF measure (CPU time)")
     args = ap.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)

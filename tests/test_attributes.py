@@ -305,6 +305,14 @@ def test_map_signal_real_vs_shuffled_labels():
     assert good["signal"] and good["agreement"]["value"] > 0.8 and good["pearson"] > 0.3
     assert good["alignment"]["value"] > good["alignment_shuffled_prompts"]["value"]  # conditioning adds signal
     assert not control["signal"] and control["agreement"]["ci95"][0] < 0.5 < control["agreement"]["ci95"][1]
+    overlap = good["edited_overlap_static"]["value"]
+    assert 0 < overlap < 0.9, "a prompt-conditional map edits other latents than static-sae on most prompts"
+    same_prompt = HeldOutStatistics(held_out.g[:1].expand(50, -1), held_out.delta[:50])
+    uniform = map_signal(real, same_prompt, k_prompt=8, k_diff=6, n_boot=100)[0]
+    assert uniform["prompt_latents_overlap_mean"]["value"] == 1.0  # one prompt repeated: its top latents are the mean's
+    from saealign.dspa.diagnostics import jaccard
+
+    assert jaccard(torch.tensor([[3.0, 2, 1, 0], [0, 1, 2, 3]]), torch.tensor([[3.0, 2, 0, 1]]), 2).tolist() == [1.0, 0.0]
     few = HeldOutStatistics(held_out.g[:5], held_out.delta[:5])
     assert map_signal(real, few, k_prompt=8, k_diff=6, n_boot=100)[0]["signal"] is None  # too few to decide
     assert correlations(np.array([1.0, 2, 3]), np.array([1.0, 1, 1]))["pearson"] is None

@@ -144,3 +144,16 @@ def test_evaluate_sae_splice(tmp_path):
     estimates = res.estimates()  # the result record's metrics: pooled figures, no interval
     assert estimates["loss_increase"].value == pytest.approx(res.loss_increase) and estimates["fvu"].ci95 is None
     assert "loss_zero_ablated" not in estimates and estimates["l0"].n == res.tokens
+
+
+def test_shipped_saes_are_recorded_as_default_and_found_by_an_old_path(tmp_path):
+    from saealign.sae.core import DEFAULT_SAES, default_sae_dir
+
+    shipped = load_sae("default:in")
+    assert shipped.describe()["source"] == "default:in"  # artifacts name it portably, not by this install's path
+    elsewhere = tmp_path / "gone" / "saealign" / "resources" / "saes" / DEFAULT_SAES["in"]  # a removed install
+    again = load_sae(str(elsewhere))
+    assert again.fingerprint() == shipped.fingerprint() and again.describe()["source"] == "default:in"
+    with pytest.raises(FileNotFoundError, match="SAE not found"):
+        load_sae(str(tmp_path / "saes" / "not-shipped"))
+    assert default_sae_dir("out").exists()

@@ -36,7 +36,7 @@ def map_signal(cfg: MapSignalConfig) -> None:
     table = Table(title=f"held-out signal on {result['n_held_out']} triples (k_prompt {result['k_prompt']}, "
                         f"k_diff {result['k_diff']})")
     for column in ("map", "N fit", "alignment [95%]", "agreement [95%]", "pearson", "spearman",
-                   "alignment, shuffled prompts"):
+                   "alignment, shuffled prompts", "edited overlap with static-sae"):
         table.add_column(column, overflow="fold")
 
     def cell(m: dict) -> str:
@@ -47,7 +47,7 @@ def map_signal(cfg: MapSignalConfig) -> None:
 
     for r in result["rows"]:
         table.add_row(r["map"], str(r["n_fit"]), cell(r["alignment"]), cell(r["agreement"]), corr(r["pearson"]),
-                      corr(r["spearman"]), cell(r["alignment_shuffled_prompts"]))
+                      corr(r["spearman"]), cell(r["alignment_shuffled_prompts"]), cell(r["edited_overlap_static"]))
     console.print(table)
     if result["signal"] is None:
         console.print(f"undecided: {result['n_held_out']} held-out triples are too few for an interval "

@@ -17,6 +17,12 @@ On held-out triples (never the fitting data), with g and Δρ computed exactly a
   derangement): the part of the signal that is not prompt-conditional survives it, so
   `alignment - alignment_shuffled_prompts` is what conditioning on the prompt adds.
 
+- `edited_overlap_static`: per triple, the Jaccard overlap of E(x) with the set static-sae edits (scores
+  `A^T mean g`, the same for every prompt); 1 means the map selects the same latents whatever the prompt, so
+  DSPA cannot differ from static-sae; `prompt_latents_overlap_mean`: the same for TopK_{k_prompt}(g(x)) against
+  the top latents of the mean prompt (prompts whose densest latents are all shared, template tokens say, leave
+  nothing to condition on).
+
 `signal` is False when the alignment interval includes 0: the map then has no held-out signal,
 and steering with it cannot be expected to move held-out preferences. Under MIN_HELD_OUT triples a
 bootstrap interval means little, and `signal` is None (undecided).
@@ -133,14 +139,31 @@ def map_signal(dspa_map: DSPAMap | Sequence[DSPAMap], stats: HeldOutStatistics, 
     maps = [dspa_map] if isinstance(dspa_map, DSPAMap) else list(dspa_map)
     if len(stats.g) < 2:
         raise ValueError("map_signal needs at least 2 held-out triples")
+    from saealign.stats import mean_estimate
+
     shuffled = torch.as_tensor(_derangement(len(stats.g), seed))
+    prompt_overlap = jaccard(stats.g, stats.g.mean(0, keepdim=True), k_prompt)
     rows = []
     for m in maps:
-        scores = prompt_scores(m.matrix(threshold), stats.g, k_prompt)
+        a = m.matrix(threshold)
+        scores = prompt_scores(a, stats.g, k_prompt)
         own = signal_metrics(scores, stats.delta, k_diff, n_boot, seed)
         other = signal_metrics(scores[shuffled], stats.delta, k_diff, n_boot, seed)
-        rows.append({"n_fit": m.count, **own, **{f"{k}_shuffled_prompts": v for k, v in other.items() if k != "signal"}})
+        static_scores = (m.mean_g() @ a).unsqueeze(0)  # static-sae's scores
+        overlaps = {"edited_overlap_static": jaccard(scores.abs(), static_scores.abs(), k_diff),
+                    "prompt_latents_overlap_mean": prompt_overlap}
+        rows.append({"n_fit": m.count, **own, **{f"{k}_shuffled_prompts": v for k, v in other.items() if k != "signal"},
+                     **{k: mean_estimate(v, n_boot, seed).to_json() for k, v in overlaps.items()}})
     return rows
+
+
+def jaccard(values: torch.Tensor, reference: torch.Tensor, k: int) -> np.ndarray:
+    """Per row of `values`, the Jaccard overlap of its top-k indices with those of the `reference` row."""
+    k = min(k, values.shape[-1])
+    top = torch.zeros_like(values, dtype=torch.bool).scatter_(-1, values.topk(k, dim=-1).indices, True)
+    ref = torch.zeros_like(reference, dtype=torch.bool).scatter_(-1, reference.topk(k, dim=-1).indices, True)
+    both, either = (top & ref).sum(-1), (top | ref).sum(-1)
+    return (both / either.clamp_min(1)).double().numpy()
 
 
 def maps_by_n(path: str | Path) -> list[tuple[str, DSPAMap]]:

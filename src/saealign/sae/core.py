@@ -290,6 +290,9 @@ def load_sae(spec: str | Path | tuple[str, str] | SAE, device=None, layer: int |
             return _load_gemma_scope_npz(path / "params.npz", device, layer)
         raise ValueError(f"{path}: not an SAE directory (expected {SAELENS_CFG} + {SAELENS_WEIGHTS}, "
                          "cfg.json + sae.safetensors, or params.npz)")
+    shipped = {name: role for role, name in DEFAULT_SAES.items()}.get(path.name)
+    if shipped and path.parent.name == "saes":  # recorded by path in another install (a worktree since removed, say)
+        return default_sae(shipped, device=device)
     if ":" in text and not path.exists():
         release, sae_id = text.split(":", 1)
         return _load_saelens_release(release, sae_id, device=device)
@@ -306,8 +309,11 @@ def default_sae_dir(role: str) -> Path:
 
 
 def default_sae(role: str, device=None) -> SAE:
-    """The SAEs shipped for the default model: `in` (early-middle layer) and `out` (late layer)."""
+    """The SAEs shipped for the default model: `in` (early-middle layer) and `out` (late layer). Their source
+    is recorded as `default:ROLE`, not this install's path, so artifacts built on them load in any install."""
     path = default_sae_dir(role)
     if not path.exists():
         raise FileNotFoundError(f"shipped SAE {path} is missing; reinstall saealign or train one with `saealign sae train`")
-    return load_sae(path, device=device)
+    sae = load_sae(path, device=device)
+    sae.cfg.metadata["source"] = f"default:{role}"
+    return sae

@@ -291,7 +291,7 @@ def _map(g: torch.Tensor, delta: torch.Tensor):
     a_sum.add_outer(g, delta)  # what fit_map accumulates per batch
     meta = MapMetadata(model="synthetic", l_in=0, l_out=1, sae_in={}, sae_out={}, m_in=g.shape[1], m_out=delta.shape[1],
                        options=FitOptions(), data_fingerprint="synthetic")
-    return DSPAMap(a_sum, g.sum(0).double(), len(g), meta)
+    return DSPAMap(a_sum, g.sum(0).double(), len(g), meta, delta_sum=delta.sum(0).double())
 
 
 def test_map_signal_real_vs_shuffled_labels():
@@ -358,3 +358,28 @@ def test_load_prompts_excludes_seen_texts_and_long_prompts(tmp_path):
     prompts = load_prompts([f"harmful={tmp_path / 'test.jsonl'}"], exclude=[str(tmp_path / "fit.txt")],
                            max_prompt_words=5)
     assert [(p.text, p.kind) for p in prompts] == [("new question", "harmful")]  # seen, long and repeated dropped
+
+
+def test_centred_map_drops_the_prompt_independent_direction():
+    """Δρ = a global direction (same for every prompt) + a prompt-conditional part: the plain map's edits are the
+    static ones on most prompts; centring leaves the conditional part, whose edits follow the prompt."""
+    from saealign.dspa.diagnostics import HeldOutStatistics, map_signal
+
+    def data(n, seed):
+        g, delta = _synthetic(n, seed)
+        return g, delta + 15.0 * torch.linspace(-1, 1, delta.shape[1])  # the global direction dominates
+    real = _map(*data(400, seed=1))
+    held_out = HeldOutStatistics(*data(200, seed=2))
+    plain, = map_signal(real, held_out, k_prompt=8, k_diff=6, n_boot=300)
+    centred, = map_signal(real, held_out, k_prompt=8, k_diff=6, n_boot=300, center=True)
+    assert plain["edited_overlap_static"]["value"] > 0.9 > 0.5 > centred["edited_overlap_static"]["value"]
+    gain = centred["alignment"]["value"] - centred["alignment_shuffled_prompts"]["value"]
+    assert gain > 0 and centred["agreement"]["ci95"][0] > 0.5  # what remains is prompt-conditional signal
+    a, ac = real.matrix(), real.matrix(center=True)
+    torch.testing.assert_close(ac, a - torch.outer(real.mean_g(), (real.delta_sum / real.count).float()))
+    torch.testing.assert_close(real.mean_g() @ ac, real.mean_g() @ a - (real.mean_g() @ real.mean_g()) *
+                               (real.delta_sum / real.count).float(), rtol=1e-4, atol=1e-4)
+    old = _map(*data(10, seed=3))
+    old.delta_sum = None  # a map fitted before the sums were recorded
+    with pytest.raises(ValueError, match="refit it to center"):
+        old.matrix(center=True)

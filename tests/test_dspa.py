@@ -71,6 +71,7 @@ def test_fit_matches_definition_and_merges():
 
     want = torch.zeros(sae_in.d_sae, sae_out.d_sae, dtype=torch.float64)
     want_repe = torch.zeros(sae_out.d_in, dtype=torch.float64)
+    want_delta = torch.zeros(sae_out.d_sae, dtype=torch.float64)
     for r in render_triples(tok, triples):
         dens, mean_h = {}, {}
         for which in ("chosen", "rejected"):
@@ -83,6 +84,7 @@ def test_fit_matches_definition_and_merges():
             mean_h[which] = h[2][0][resp].double().mean(0)
         want += torch.outer(g, dens["chosen"] - dens["rejected"])
         want_repe += mean_h["chosen"] - mean_h["rejected"]
+        want_delta += dens["chosen"] - dens["rejected"]
     torch.testing.assert_close(full.a_sum.dense(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(full.repe_vector().double(), want_repe / len(triples), rtol=1e-4, atol=1e-5)
     assert full.count == 10
@@ -90,6 +92,11 @@ def test_fit_matches_definition_and_merges():
     b = fit_map(model, tok, sae_in, sae_out, triples[4:], opts, progress=False)
     merged = merge_maps([a, b])
     torch.testing.assert_close(merged.matrix(), full.matrix())
+    torch.testing.assert_close(full.delta_sum, want_delta)
+    torch.testing.assert_close(merged.matrix(center=True), full.matrix(center=True))
+    centred = full.matrix(center=True).double()
+    g_mean = full.g_sum / 10
+    torch.testing.assert_close(centred, want / 10 - torch.outer(g_mean, want_delta / 10), rtol=1e-5, atol=1e-6)
 
 
 def test_map_save_load_and_refusal(tmp_path):
@@ -99,6 +106,7 @@ def test_map_save_load_and_refusal(tmp_path):
     m.save(tmp_path / "map")
     loaded = DSPAMap.load(tmp_path / "map")
     torch.testing.assert_close(loaded.matrix(), m.matrix())
+    torch.testing.assert_close(loaded.matrix(center=True), m.matrix(center=True))
     other_out = _tiny_saes(m_out=40)[1]
     with torch.no_grad():
         other_out.W_dec.add_(0.01)
@@ -371,3 +379,21 @@ def test_run_fits_shares_passes_records_each_fit_and_refuses_other_data(tmp_path
         torch.testing.assert_close(saved.a_sum.dense(), alone.a_sum.dense())
     with pytest.raises(ValueError, match=r"may differ only in sae_in.*n None there, 4 now"):
         run_fits([cfgs[0], dataclasses.replace(cfgs[1], n=4)], model, tok)
+
+
+def test_centred_steering_selects_per_prompt_latents_and_is_fixed_on_a_server():
+    from saealign.cli.dspa_cmd import _remote_replies
+    from saealign.config import ConfigError
+
+    model = build_tiny("llama")
+    sae_in, sae_out = _tiny_saes()
+    m = fit_map(model, _CharTok(), sae_in, sae_out, _triples(12), FitOptions(batch_size=4), progress=False)
+    plain = DSPA(m, sae_in, sae_out, SteerConfig(mode="both", k_diff=4, k_prompt=16))
+    centred = DSPA(m, sae_in, sae_out, SteerConfig(mode="both", k_diff=4, k_prompt=16, center=True))
+    assert plain.cfg.center is False and centred.cfg.center is True
+    assert not torch.equal(plain.A, centred.A)
+    torch.testing.assert_close(centred.A, m.matrix(center=True))
+    static = StaticSAE(m, sae_out, SteerConfig(center=True))
+    torch.testing.assert_close(static.scores, m.mean_g() @ m.matrix(center=True))
+    with pytest.raises(ConfigError, match="center"):
+        _remote_replies("http://localhost:1", "dspa", {"center": True}, None, 8, 0.0)

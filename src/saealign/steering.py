@@ -49,6 +49,9 @@ class LatentSteering:
     threshold: float | None = field(default=None, metadata={
         "help": "tau: map entries with |A_ij| below it are dropped before scoring (default: the map's tau).",
         "ge": 0})
+    center: bool | None = field(default=None, metadata={
+        "help": "Score with the centred map A - mean(g) mean(delta)^T: drops the part of A that is the same for "
+                "every prompt, so the edits follow the prompt (default: off, the paper's A)."})
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -76,7 +79,7 @@ def steering_field(name: str) -> Any:
 
 LATENT_OPTIONS = tuple(f.name for f in fields(LatentSteering))
 STEERING_OPTIONS = tuple(f.name for f in fields(SteeringOptions))
-PAPER_DEFAULTS = SteeringOptions(mode="ablate", alpha=0.2, k_prompt=32, k_diff=16, coef=1.0)  # METHOD.md; tau: the map's
+PAPER_DEFAULTS = SteeringOptions(mode="ablate", alpha=0.2, k_prompt=32, k_diff=16, center=False, coef=1.0)  # METHOD.md; tau: the map's
 
 
 def split_method_entry(entry: str) -> tuple[str, str]:

@@ -193,8 +193,9 @@ def _remote_replies(url: str, method: str, options: dict, api_key_env: str | Non
 
     from saealign.serve import stream_chat
 
-    if "threshold" in options:
-        raise ConfigError("threshold", "is fixed per method on a server (register a method with another threshold)")
+    for fixed in ("threshold", "center"):  # they change the method's map, not one request's edits
+        if fixed in options:
+            raise ConfigError(fixed, f"is fixed per method on a server (register a method with another {fixed})")
     api_key = os.environ.get(api_key_env) if api_key_env else None
     if api_key_env and not api_key:
         raise ValueError(f"--api-key-env {api_key_env}: the variable is not set")

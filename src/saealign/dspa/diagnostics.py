@@ -134,7 +134,8 @@ def signal_metrics(scores: torch.Tensor, delta: torch.Tensor, k_diff: int, n_boo
 
 
 def map_signal(dspa_map: DSPAMap | Sequence[DSPAMap], stats: HeldOutStatistics, k_prompt: int = 32, k_diff: int = 16,
-               threshold: float | None = None, n_boot: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+               threshold: float | None = None, n_boot: int = 2000, seed: int = 0,
+               center: bool = False) -> list[dict[str, Any]]:
     """Held-out signal of each map (e.g. snapshots at growing N), with the shuffled-prompt control."""
     maps = [dspa_map] if isinstance(dspa_map, DSPAMap) else list(dspa_map)
     if len(stats.g) < 2:
@@ -145,7 +146,7 @@ def map_signal(dspa_map: DSPAMap | Sequence[DSPAMap], stats: HeldOutStatistics, 
     prompt_overlap = jaccard(stats.g, stats.g.mean(0, keepdim=True), k_prompt)
     rows = []
     for m in maps:
-        a = m.matrix(threshold)
+        a = m.matrix(threshold, center)
         scores = prompt_scores(a, stats.g, k_prompt)
         own = signal_metrics(scores, stats.delta, k_diff, n_boot, seed)
         other = signal_metrics(scores[shuffled], stats.delta, k_diff, n_boot, seed)
@@ -188,6 +189,7 @@ class MapSignalConfig:
     k_prompt: int | None = steering_field("k_prompt")
     k_diff: int | None = steering_field("k_diff")
     threshold: float | None = steering_field("threshold")
+    center: bool | None = steering_field("center")
     batch_size: int = field(default=8, metadata={"help": "Triples per forward pass.", "ge": 1})
     n_boot: int = field(default=2000, metadata={"help": "Bootstrap resamples of the 95% intervals.", "ge": 1})
     output: str | None = field(default=None, metadata={"help": "JSON file the rows are written to (default: none)."})
@@ -226,11 +228,12 @@ def run_map_signal(cfg: MapSignalConfig, model=None, tokenizer=None, progress: b
     recommended = SteerConfig.resolve(first.meta.recommended.dspa)
     k_prompt = cfg.k_prompt or recommended.k_prompt
     k_diff = cfg.k_diff or recommended.k_diff
+    center = recommended.center if cfg.center is None else cfg.center
     rows = []
     for name, m in maps:
-        row = map_signal(m, stats, k_prompt, k_diff, cfg.threshold, cfg.n_boot, cfg.seed)[0]
+        row = map_signal(m, stats, k_prompt, k_diff, cfg.threshold, cfg.n_boot, cfg.seed, center)[0]
         rows.append({"map": name, **row})
-    result = {"config": asdict(cfg), "k_prompt": k_prompt, "k_diff": k_diff, "n_held_out": len(triples),
+    result = {"config": asdict(cfg), "k_prompt": k_prompt, "k_diff": k_diff, "center": center, "n_held_out": len(triples),
               "rows": rows, "signal": None if rows[0]["signal"] is None else any(r["signal"] for r in rows)}
     if cfg.output:
         from saealign._io import write_json

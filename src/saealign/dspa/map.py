@@ -123,15 +123,27 @@ class DSPAMap:
     # (d_model,) sum of per-triple mean differences of h^{l_out} over chosen vs rejected response
     # tokens: the RepE/CAA vector at l_out, free from the same passes (None for maps without it)
     repe_sum: torch.Tensor | None = None
+    # (m_out,) sum of delta: what centring needs (None for maps fitted before it was recorded)
+    delta_sum: torch.Tensor | None = None
 
     # -- the map ----------------------------------------------------------------------------------
-    def matrix(self, threshold: float | None = None) -> torch.Tensor:
+    def matrix(self, threshold: float | None = None, center: bool = False) -> torch.Tensor:
         """`A = sums / N`, entries with |A| < threshold set to zero; dense (m_in, m_out) float32. The threshold
-        defaults to the map's tau: DSPA's recommended one, else the fit's (`dspa fit --threshold`)."""
+        defaults to the map's tau: DSPA's recommended one, else the fit's (`dspa fit --threshold`).
+
+        `center`: `A - mean(g) mean(delta)^T`, the covariance of prompt statistic and response difference.
+        The part removed is one output direction (the mean delta) weighted by how much a prompt looks like the
+        average prompt, the same for every prompt: what static steering already does. What remains is what the
+        prompt adds, so DSPA's edits differ from prompt to prompt (`eval map-signal`: edited_overlap_static)."""
         if self.count == 0:
             raise ValueError("empty DSPA map (no triples)")
         tau = next(t for t in (threshold, self.meta.recommended.dspa.threshold, self.meta.threshold) if t is not None)
-        a = (self.a_sum.dense() / self.count).float()
+        a = self.a_sum.dense() / self.count
+        if center:
+            if self.delta_sum is None:
+                raise ValueError("this DSPA map records no delta sums (fitted by an older saealign): refit it to center")
+            a = a - torch.outer(self.g_sum.double(), self.delta_sum.double()) / self.count ** 2
+        a = a.float()
         if tau > 0:
             a[a.abs() < tau] = 0.0
         return a
@@ -172,6 +184,8 @@ class DSPAMap:
             tensors = {"a_sum_indices": self.a_sum.indices.int(), "a_sum_values": self.a_sum.values}
         if self.repe_sum is not None:
             tensors["repe_sum"] = self.repe_sum.double()
+        if self.delta_sum is not None:
+            tensors["delta_sum"] = self.delta_sum.double()
         manifest = save_tensors(path / MAP_TENSORS, {**tensors, "g_sum": self.g_sum.double()})
         write_json(path / CONFIG, {**self.meta.to_json(), "count": self.count, "nnz": self.a_sum.nnz, "tensors": manifest})
         return path
@@ -189,7 +203,7 @@ class DSPAMap:
             a_sum = SparseSum(meta.m_in, meta.m_out, _dense=tensors["a_sum_dense"])
         else:
             a_sum = SparseSum(meta.m_in, meta.m_out, tensors["a_sum_indices"].long(), tensors["a_sum_values"])
-        return cls(a_sum, tensors["g_sum"], config["count"], meta, tensors.get("repe_sum"))
+        return cls(a_sum, tensors["g_sum"], config["count"], meta, tensors.get("repe_sum"), tensors.get("delta_sum"))
 
 
 def _check_shapes(tensors: dict[str, torch.Tensor], meta: MapMetadata, path: Path) -> None:
@@ -199,7 +213,7 @@ def _check_shapes(tensors: dict[str, torch.Tensor], meta: MapMetadata, path: Pat
         recorded = (meta.sae_in if name == "m_in" else meta.sae_out).get("d_sae", size)
         if size != recorded:
             raise ValueError(f"{path / CONFIG}: {name}={size}, but its SAE has d_sae={recorded}")
-    want = {"g_sum": (m_in,), "a_sum_dense": (m_in, m_out), "repe_sum": (meta.d_model,)}
+    want = {"g_sum": (m_in,), "a_sum_dense": (m_in, m_out), "repe_sum": (meta.d_model,), "delta_sum": (m_out,)}
     for name, shape in want.items():
         got = tuple(tensors[name].shape) if name in tensors else shape
         if None not in shape and got != shape:
@@ -254,7 +268,8 @@ def merge_maps(maps: Sequence[DSPAMap], allow_overlap: bool = False) -> DSPAMap:
     meta = dataclasses.replace(first.meta, data_fingerprint=[fp for m in maps for fp in _data_fingerprints(m)],
                                merged_from=len(maps), cost=combine("dspa fit", costs) if all(costs) else None)
     repe = None if any(m.repe_sum is None for m in maps) else sum(m.repe_sum.double() for m in maps)
-    return DSPAMap(a_sum, sum(m.g_sum.double() for m in maps), sum(m.count for m in maps), meta, repe)
+    deltas = None if any(m.delta_sum is None for m in maps) else sum(m.delta_sum.double() for m in maps)
+    return DSPAMap(a_sum, sum(m.g_sum.double() for m in maps), sum(m.count for m in maps), meta, repe, deltas)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -522,7 +537,7 @@ def new_map(model, sae_in: SAE, sae_out: SAE, options: FitOptions, data_fingerpr
                        m_out=sae_out.d_sae, d_model=sae_out.d_in, options=options, data_fingerprint=data_fingerprint,
                        seed=seed)
     return DSPAMap(SparseSum(sae_in.d_sae, sae_out.d_sae), torch.zeros(sae_in.d_sae, dtype=torch.float64), 0, meta,
-                   torch.zeros(sae_out.d_in, dtype=torch.float64))
+                   torch.zeros(sae_out.d_in, dtype=torch.float64), torch.zeros(sae_out.d_sae, dtype=torch.float64))
 
 
 def _settings(meta: MapMetadata, model_key: str) -> dict[str, Any]:
@@ -669,6 +684,8 @@ def _fit_group(model, tokenizer, pairs: list[tuple[SAE, SAE]], maps: list[DSPAMa
                 m.a_sum.add_outer(g[i].cpu(), delta[j].cpu())
                 m.g_sum += g[i].sum(0).double().cpu()
                 m.repe_sum += h_diff[j].sum(0).double().cpu()
+                if m.delta_sum is not None:  # None: resumed from a checkpoint of an older saealign
+                    m.delta_sum += delta[j].sum(0).double().cpu()
                 m.count += len(items)
             bar.update(len(items))
         start = end

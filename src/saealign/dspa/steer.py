@@ -38,7 +38,7 @@ class SteerConfig(LatentSteering):
     record: bool = field(default=False, metadata={"help": "Keep a per-token record of the edited latents (the feature audit)."})
 
     def __post_init__(self) -> None:
-        for name in ("mode", "alpha", "k_prompt", "k_diff"):
+        for name in ("mode", "alpha", "k_prompt", "k_diff", "center"):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(PAPER_DEFAULTS, name))
         check_config(self)
@@ -112,7 +112,7 @@ def steer_hidden(sae: SAE, hidden: torch.Tensor, edit: torch.Tensor, minus: torc
     return torch.where(changed.unsqueeze(-1), edited, hidden), changed
 
 
-ROW_SETTINGS = tuple(k for k in LATENT_OPTIONS if k != "threshold")  # what one request may change (the map's tau: no)
+ROW_SETTINGS = tuple(k for k in LATENT_OPTIONS if k not in ("threshold", "center"))  # per request (the map's A: not)
 
 
 class LatentRowEdit:
@@ -218,7 +218,7 @@ class DSPA(LatentSteerer):
         dspa_map.check_compatible(sae_in=sae_in, sae_out=sae_out)
         self.map = dspa_map
         self.sae_in = sae_in
-        self.A = dspa_map.matrix(cfg.threshold)  # (m_in, m_out), thresholded
+        self.A = dspa_map.matrix(cfg.threshold, cfg.center)  # (m_in, m_out), thresholded
         self.options = asdict(dspa_map.meta.options)
 
     @classmethod

@@ -393,7 +393,16 @@ def test_centred_steering_selects_per_prompt_latents_and_is_fixed_on_a_server():
     assert plain.cfg.center is False and centred.cfg.center is True
     assert not torch.equal(plain.A, centred.A)
     torch.testing.assert_close(centred.A, m.matrix(center=True))
-    static = StaticSAE(m, sae_out, SteerConfig(center=True))
-    torch.testing.assert_close(static.scores, m.mean_g() @ m.matrix(center=True))
+    g = torch.rand(3, sae_in.d_sae) * (torch.rand(3, sae_in.d_sae) > 0.5)
+    dev = g - m.mean_g()
+    keep = torch.zeros_like(dev, dtype=torch.bool).scatter_(-1, dev.abs().topk(16, dim=-1).indices, True)
+    torch.testing.assert_close(centred.scores(g), torch.where(keep, dev, 0.0) @ m.matrix(center=True))
+    mean_prompt = m.mean_g().expand(2, -1)
+    assert not centred.scores(mean_prompt).any()  # the average prompt: nothing to condition on, nothing edited
+    assert plain.scores(mean_prompt).any()
+    from saealign.steering import check_options
+
+    with pytest.raises(ConfigError, match="center"):  # static-sae's scores are what centring removes
+        check_options("static-sae", {"center": True})
     with pytest.raises(ConfigError, match="center"):
         _remote_replies("http://localhost:1", "dspa", {"center": True}, None, 8, 0.0)

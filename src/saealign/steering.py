@@ -50,8 +50,9 @@ class LatentSteering:
         "help": "tau: map entries with |A_ij| below it are dropped before scoring (default: the map's tau).",
         "ge": 0})
     center: bool | None = field(default=None, metadata={
-        "help": "Score with the centred map A - mean(g) mean(delta)^T: drops the part of A that is the same for "
-                "every prompt, so the edits follow the prompt (default: off, the paper's A)."})
+        "help": "DSPA: score with the centred map A - mean(g) mean(delta)^T and the prompt's deviation g(x) - mean(g) "
+                "(k_prompt largest in size; k_prompt = m_in keeps all): drops what is the same for every prompt, so "
+                "the edits follow the prompt (default: off, the paper's rule)."})
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -191,7 +192,7 @@ def method_options(kind: str) -> frozenset[str]:
     from saealign.dspa.steer import SteerConfig
 
     latent = frozenset(f.name for f in fields(SteerConfig))
-    return {"dspa": latent | {"sae_in", "sae_out"}, "static-sae": latent | {"sae_out"},
+    return {"dspa": latent | {"sae_in", "sae_out"}, "static-sae": (latent - {"center"}) | {"sae_out"},
             "repe": frozenset({"coef"})}.get(kind, frozenset())
 
 

@@ -19,7 +19,8 @@ On held-out triples (never the fitting data), with g and Δρ computed exactly a
 
 - `edited_overlap_static`: per triple, the Jaccard overlap of E(x) with the set static-sae edits (scores
   `A^T mean g`, the same for every prompt); 1 means the map selects the same latents whatever the prompt, so
-  DSPA cannot differ from static-sae; `prompt_latents_overlap_mean`: the same for TopK_{k_prompt}(g(x)) against
+  DSPA cannot differ from static-sae (`center=True` scores with the centred map and prompt statistic, see
+  `steer.prompt_scores`); `prompt_latents_overlap_mean`: the same for TopK_{k_prompt}(g(x)) against
   the top latents of the mean prompt (prompts whose densest latents are all shared, template tokens say, leave
   nothing to condition on).
 
@@ -39,7 +40,7 @@ import torch
 
 from saealign.config import check_config
 from saealign.dspa.map import DSPAMap, FitOptions, pair_statistics
-from saealign.dspa.steer import SteerConfig
+from saealign.dspa.steer import SteerConfig, prompt_scores
 from saealign.models import Dtype, model_option
 from saealign.steering import steering_field
 
@@ -81,13 +82,6 @@ def held_out_features(model, tokenizer, sae_ins, sae_outs, triples, options: Fit
         for full, part in (*zip(g, g_b), *zip(delta, d_b)):
             full[idx] = part.cpu().float()
     return g, delta
-
-
-def prompt_scores(a: torch.Tensor, g: torch.Tensor, k_prompt: int) -> torch.Tensor:
-    """s = A^T TopK_{k_prompt}(g) per row, as DSPA steers."""
-    vals, idx = g.topk(min(k_prompt, g.shape[-1]), dim=-1)
-    sparse = torch.zeros_like(g).scatter_(-1, idx, vals)
-    return sparse @ a
 
 
 def _rank(x: np.ndarray) -> np.ndarray:
@@ -147,7 +141,7 @@ def map_signal(dspa_map: DSPAMap | Sequence[DSPAMap], stats: HeldOutStatistics, 
     rows = []
     for m in maps:
         a = m.matrix(threshold, center)
-        scores = prompt_scores(a, stats.g, k_prompt)
+        scores = prompt_scores(a, stats.g, k_prompt, m.mean_g() if center else None)
         own = signal_metrics(scores, stats.delta, k_diff, n_boot, seed)
         other = signal_metrics(scores[shuffled], stats.delta, k_diff, n_boot, seed)
         static_scores = (m.mean_g() @ a).unsqueeze(0)  # static-sae's scores

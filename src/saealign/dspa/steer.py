@@ -63,6 +63,19 @@ def select_latents(scores: torch.Tensor, k_diff: int, mode: Mode) -> tuple[torch
     return minus, plus
 
 
+def prompt_scores(a: torch.Tensor, g: torch.Tensor, k_prompt: int, g_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """s = A^T TopK_{k_prompt}(g) per row (METHOD.md). With `g_mean` (a centred map, `LatentSteering.center`) the
+    prompt enters by its deviation from the mean prompt, g(x) - mean(g): its k_prompt largest entries in size,
+    signs kept (a latent rarer than usual in this prompt says as much as one more frequent)."""
+    k = min(k_prompt, g.shape[-1])
+    if g_mean is None:
+        idx = g.topk(k, dim=-1).indices
+    else:
+        g = g - g_mean.to(g.device)
+        idx = g.abs().topk(k, dim=-1).indices
+    return torch.zeros_like(g).scatter_(-1, idx, g.gather(-1, idx)) @ a.to(g.device)
+
+
 def edit_latents(f: torch.Tensor, minus: torch.Tensor, plus: torch.Tensor, alpha: float,
                  peak: torch.Tensor | None = None) -> torch.Tensor:
     """f' from f (n, m) and per-row selected sets (n, m): only active selected latents change. `peak`: the
@@ -219,6 +232,7 @@ class DSPA(LatentSteerer):
         self.map = dspa_map
         self.sae_in = sae_in
         self.A = dspa_map.matrix(cfg.threshold, cfg.center)  # (m_in, m_out), thresholded
+        self.g_mean = dspa_map.mean_g() if cfg.center else None
         self.options = asdict(dspa_map.meta.options)
 
     @classmethod
@@ -233,10 +247,8 @@ class DSPA(LatentSteerer):
         return cls(dspa_map, sae_in, sae_out, **overrides)
 
     def scores(self, g: torch.Tensor, k_prompt: int | None = None) -> torch.Tensor:
-        """s = A^T TopK_{k_prompt}(g) for a batch of prompt statistics (batch, m_in); k_prompt defaults to the config's."""
-        vals, idx = g.topk(min(k_prompt or self.cfg.k_prompt, g.shape[-1]), dim=-1)
-        g_top = torch.zeros_like(g).scatter_(-1, idx, vals)
-        return g_top @ self.A.to(g.device)
+        """s for a batch of prompt statistics (batch, m_in) (`prompt_scores`); k_prompt defaults to the config's."""
+        return prompt_scores(self.A, g, k_prompt or self.cfg.k_prompt, self.g_mean)
 
     def prompt_features(self, hidden: torch.Tensor, ctx: CallContext, explicit: torch.Tensor | None = None
                         ) -> torch.Tensor | None:

@@ -379,6 +379,10 @@ def test_centred_map_drops_the_prompt_independent_direction():
     torch.testing.assert_close(ac, a - torch.outer(real.mean_g(), (real.delta_sum / real.count).float()))
     torch.testing.assert_close(real.mean_g() @ ac, real.mean_g() @ a - (real.mean_g() @ real.mean_g()) *
                                (real.delta_sum / real.count).float(), rtol=1e-4, atol=1e-4)
+    kinds = ["a" if i % 4 else "b" for i in range(200)]  # kinds that the map's signal does not depend on
+    by_kind, = map_signal(real, held_out, k_prompt=8, k_diff=6, n_boot=100, center=True, kinds=kinds)
+    assert set(by_kind["by_kind"]) == {"a", "b"} and by_kind["by_kind"]["b"]["agreement"]["n"] == 50
+    assert "by_kind" not in map_signal(real, held_out, k_prompt=8, k_diff=6, n_boot=100, kinds=["a"] * 200)[0]
     old = _map(*data(10, seed=3))
     old.delta_sum = None  # a map fitted before the sums were recorded
     with pytest.raises(ValueError, match="refit it to center"):

@@ -49,6 +49,10 @@ def map_signal(cfg: MapSignalConfig) -> None:
         table.add_row(r["map"], str(r["n_fit"]), cell(r["alignment"]), cell(r["agreement"]), corr(r["pearson"]),
                       corr(r["spearman"]), cell(r["alignment_shuffled_prompts"]), cell(r["edited_overlap_static"]))
     console.print(table)
+    for r in result["rows"]:
+        if "by_kind" in r:
+            console.print(f"{r['map']}: agreement by prompt kind: " + ", ".join(
+                f"{kind} {cell(m['agreement'])} (n {m['agreement']['n']})" for kind, m in r["by_kind"].items()))
     if result["signal"] is None:
         console.print(f"undecided: {result['n_held_out']} held-out triples are too few for an interval "
                       "(saealign.dspa.diagnostics.MIN_HELD_OUT)")

@@ -128,9 +128,12 @@ def signal_metrics(scores: torch.Tensor, delta: torch.Tensor, k_diff: int, n_boo
 
 
 def map_signal(dspa_map: DSPAMap | Sequence[DSPAMap], stats: HeldOutStatistics, k_prompt: int = 32, k_diff: int = 16,
-               threshold: float | None = None, n_boot: int = 2000, seed: int = 0,
-               center: bool = False) -> list[dict[str, Any]]:
-    """Held-out signal of each map (e.g. snapshots at growing N), with the shuffled-prompt control."""
+               threshold: float | None = None, n_boot: int = 2000, seed: int = 0, center: bool = False,
+               kinds: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
+    """Held-out signal of each map (e.g. snapshots at growing N), with the shuffled-prompt control. With `kinds`
+    (each triple's prompt kind, e.g. harmful / benign), also by kind: a prompt-conditional attribute needs the map
+    right on every kind, and the shuffled-prompt control misses that when one kind dominates (most deranged pairs
+    then keep their kind)."""
     maps = [dspa_map] if isinstance(dspa_map, DSPAMap) else list(dspa_map)
     if len(stats.g) < 2:
         raise ValueError("map_signal needs at least 2 held-out triples")
@@ -147,8 +150,15 @@ def map_signal(dspa_map: DSPAMap | Sequence[DSPAMap], stats: HeldOutStatistics, 
         static_scores = (m.mean_g() @ a).unsqueeze(0)  # static-sae's scores
         overlaps = {"edited_overlap_static": jaccard(scores.abs(), static_scores.abs(), k_diff),
                     "prompt_latents_overlap_mean": prompt_overlap}
-        rows.append({"n_fit": m.count, **own, **{f"{k}_shuffled_prompts": v for k, v in other.items() if k != "signal"},
-                     **{k: mean_estimate(v, n_boot, seed).to_json() for k, v in overlaps.items()}})
+        row = {"n_fit": m.count, **own, **{f"{k}_shuffled_prompts": v for k, v in other.items() if k != "signal"},
+               **{k: mean_estimate(v, n_boot, seed).to_json() for k, v in overlaps.items()}}
+        named = sorted({k for k in kinds or () if k is not None})
+        if len(named) > 1:
+            row["by_kind"] = {}
+            for kind in named:
+                mask = torch.tensor([k == kind for k in kinds])
+                row["by_kind"][kind] = signal_metrics(scores[mask], stats.delta[mask], k_diff, n_boot, seed)
+        rows.append(row)
     return rows
 
 
@@ -217,6 +227,7 @@ def run_map_signal(cfg: MapSignalConfig, model=None, tokenizer=None, progress: b
         if m.meta.options != first.meta.options:  # g and Δρ are computed once, with the first map's options
             raise ValueError(f"map {name} was fitted with other options ({m.meta.options}) than {maps[0][0]} "
                              f"({first.meta.options}); compare maps fitted alike")
+    kinds = [t.meta.get("extra", {}).get("kind") for t in triples]  # best-of-K triples record their prompt's kind
     options = replace(first.meta.options, batch_size=cfg.batch_size)
     stats = held_out_statistics(model, tokenizer, sae_in, sae_out, triples, options, progress)
     recommended = SteerConfig.resolve(first.meta.recommended.dspa)
@@ -225,7 +236,7 @@ def run_map_signal(cfg: MapSignalConfig, model=None, tokenizer=None, progress: b
     center = recommended.center if cfg.center is None else cfg.center
     rows = []
     for name, m in maps:
-        row = map_signal(m, stats, k_prompt, k_diff, cfg.threshold, cfg.n_boot, cfg.seed, center)[0]
+        row = map_signal(m, stats, k_prompt, k_diff, cfg.threshold, cfg.n_boot, cfg.seed, center, kinds)[0]
         rows.append({"map": name, **row})
     result = {"config": asdict(cfg), "k_prompt": k_prompt, "k_diff": k_diff, "center": center, "n_held_out": len(triples),
               "rows": rows, "signal": None if rows[0]["signal"] is None else any(r["signal"] for r in rows)}

@@ -21,7 +21,8 @@ from saealign.config import ConfigError, check_config
 from saealign.dspa.map import (FitData, Recommended, SweepEntry, SweepRecord, read_metadata,
                                record_recommended)
 from saealign.models import Dtype, model_option
-from saealign.steering import LATENT_OPTIONS, PAPER_DEFAULTS, LatentSteering, Mode, SteeringOptions, load_method
+from saealign.steering import (LATENT_OPTIONS, PAPER_DEFAULTS, LatentSteering, Mode, SteeringOptions, load_method,
+                               method_options)
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +116,11 @@ def run_tune(cfg: TuneConfig, model=None, tokenizer=None,
     def best(method: str) -> SteeringOptions:
         return max((e for e in sweep.entries if e.method == method), key=_rank).setting
 
-    centre = {**PAPER_DEFAULTS.steering_options(), "threshold": meta.threshold}
-    centre.pop("coef")
+    paper = {**PAPER_DEFAULTS.steering_options(), "threshold": meta.threshold}
+    paper.pop("coef")  # RepE's
     grid = cfg.grid()
     for method, axes in (("dspa", tuple(grid)), ("static-sae", STATIC_AXES)):
+        centre = {k: v for k, v in paper.items() if k in method_options(method)}  # static-sae takes no center
         combined = {axis: max(grid[axis], key=lambda v: _rank(score(method, {**centre, axis: v}))) for axis in axes}
         score(method, {**centre, **combined})
     for coef in cfg.coefs:

@@ -63,6 +63,9 @@ HELD_OUT_EXCLUDES = ["harmful=harmless_fit", "benign=fit"]  # as attributes_prot
 # One setting for the whole grid: `both` (a refusal has to be added, attributes_protocol.py), alpha 0.5 (the middle
 # of its grid), the paper's k_prompt/k_diff, no threshold (tau is in each map's own units).
 GRID_STEERING = LatentSteering(mode="both", alpha=0.5, k_prompt=32, k_diff=16, threshold=0.0)
+# The centred arm (`--center`) scores with every input latent's deviation from the mean prompt: on the conditional
+# map's held-out triples, agreement rose with k_prompt up to all of them (README, "the centred map").
+CENTRED_K_PROMPT = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,10 @@ class Arm:
     @property
     def fit_key(self) -> str:  # arms that differ only in steering share the fit
         return f"{_short(self.sae_in)}__{_short(self.sae_out)}__{self.stat}"
+
+    @property
+    def signal_key(self) -> tuple:  # the map signal depends on the fit and on how scores are made, not on the mode
+        return self.fit_key, bool(self.steering.center), self.steering.k_prompt
 
 
 def _short(sae: str) -> str:
@@ -98,6 +105,7 @@ class Ablations:
         self.hh_validation = sample(select_triples(str(args.data), "validation"), args.hh_eval_n, 0)
         self.hh_test = sample(select_triples(str(args.data), "test_helpful"), args.hh_eval_n, 0)
         self.val_triples = select_triples(str(args.val_triples))
+        self.val_kinds = [t.meta.get("extra", {}).get("kind") for t in self.val_triples]
         self.base, self.hh_scores, self.signals_by_fit = {}, {}, {}
 
     def save(self) -> None:
@@ -160,11 +168,11 @@ class Ablations:
         """Held-out signal of each arm's conditional map on the validation triples (`eval map-signal`'s numbers).
         g and Δρ come from one set of passes per prompt statistic for every SAE the arms use, and a map's
         signal does not depend on the steering mode, so it is computed once per fitted map."""
-        todo = [arm for arm in arms if arm.fit_key not in self.signals_by_fit]
+        todo = [arm for arm in arms if arm.signal_key not in self.signals_by_fit]
         self.fit(todo, "conditional")
         for stat in sorted({arm.stat for arm in todo}):
-            group = {arm.fit_key: arm for arm in todo if arm.stat == stat}
-            maps = {key: DSPAMap.load(self.fitted(arm, "conditional")) for key, arm in group.items()}
+            group = {arm.signal_key: arm for arm in todo if arm.stat == stat}
+            maps = {key: DSPAMap.load(self.fitted(arm, "conditional")) for key, arm in group.items()}  # small: 5M floats
             ins = list(dict.fromkeys(arm.sae_in for arm in group.values()))
             outs = list(dict.fromkeys(arm.sae_out for arm in group.values()))
             options = dataclasses.replace(next(iter(maps.values())).meta.options, batch_size=self.args.fit_batch)
@@ -173,9 +181,10 @@ class Ablations:
                                          self.val_triples, options, progress=False)
             for key, arm in group.items():
                 held_out = HeldOutStatistics(g[ins.index(arm.sae_in)], delta[outs.index(arm.sae_out)])
-                self.signals_by_fit[key] = map_signal(maps[key], held_out, GRID_STEERING.k_prompt, GRID_STEERING.k_diff)[0]
+                self.signals_by_fit[key] = map_signal(maps[key], held_out, arm.steering.k_prompt, arm.steering.k_diff,
+                                                      center=bool(arm.steering.center), kinds=self.val_kinds)[0]
             print(f"  map signal: {len(group)} map(s) ({stat}) in {time.time() - t:.0f} s", flush=True)
-        return {arm.name: {**self.signals_by_fit[arm.fit_key], "map": arm.fit_key} for arm in arms}
+        return {arm.name: {**self.signals_by_fit[arm.signal_key], "map": arm.fit_key} for arm in arms}
 
     def hh(self, arm: Arm, split: str) -> dict:
         triples = self.hh_validation if split == "validation" else self.hh_test
@@ -259,11 +268,13 @@ class Ablations:
 
     @staticmethod
     def steering_arms(ref: Arm) -> list[Arm]:
-        """The reference and the arms that change only how its SAEs are used: mode and prompt statistic."""
+        """The reference and the arms that change only how its SAEs are used: mode, prompt statistic, centring."""
         return [ref,
                 dataclasses.replace(ref, name="mode_ablate", steering=dataclasses.replace(GRID_STEERING, mode="ablate")),
                 dataclasses.replace(ref, name="mode_augment", steering=dataclasses.replace(GRID_STEERING, mode="augment")),
-                dataclasses.replace(ref, name="stat_mean", stat="mean")]
+                dataclasses.replace(ref, name="stat_mean", stat="mean"),
+                dataclasses.replace(ref, name="centred", steering=dataclasses.replace(GRID_STEERING, center=True,
+                                                                                      k_prompt=CENTRED_K_PROMPT))]
 
     def wide_arm(self, i: int, o: int) -> list[Arm]:
         s, ww = self.args.suite, self.args.wide_width

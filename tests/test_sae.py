@@ -122,6 +122,8 @@ def test_trainer_learns_and_resumes(tmp_path, monkeypatch):
     # resume: a fresh trainer picks up the last checkpoint instead of starting over
     again = _Trainer(cfg, cache, 1, tmp_path, "tiny", torch.device("cpu"))
     assert again.step == (trainer.step // 10) * 10 and again.step > 0
+    saved = torch.load(tmp_path / "checkpoint.pt")["seconds"]
+    assert saved > 0 and again.seconds() >= saved  # a resumed run counts the earlier runs' training time
     # the exported SAE encodes raw (unscaled) activations
     x = trainer.validation()[:50]
     assert torch.allclose(sae.decode(sae.encode(x)).norm(dim=-1), x.norm(dim=-1), rtol=0.5)

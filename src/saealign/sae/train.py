@@ -119,6 +119,8 @@ class _Trainer:
         self.steps_per_epoch = max(1, len(self.train_idx) // cfg.batch_size)
         self.total_steps = int(self.steps_per_epoch * cfg.epochs)
         self.step = 0
+        self.seconds_before = 0.0  # training time of the earlier runs a resumed one continues
+        self.started = time.time()
         self.since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)
         self.ckpt = out_dir / "checkpoint.pt"
         if self.ckpt.exists():
@@ -212,7 +214,7 @@ class _Trainer:
     def _checkpoint(self) -> None:
         with atomic_path(self.ckpt) as tmp:
             torch.save({"step": self.step, "sae": self.sae.state_dict(), "opt": self.opt.state_dict(),
-                        "since_fired": self.since_fired, "scale": self.scale}, tmp)
+                        "since_fired": self.since_fired, "scale": self.scale, "seconds": self.seconds()}, tmp)
 
     def _resume(self) -> None:
         state = torch.load(self.ckpt, map_location=self.device)
@@ -220,7 +222,12 @@ class _Trainer:
         self.opt.load_state_dict(state["opt"])
         self.since_fired = state["since_fired"]
         self.step = state["step"]
+        self.seconds_before = state.get("seconds", 0.0)  # checkpoints of older versions record none
         log.info("resumed layer %d from step %d", self.layer, self.step)
+
+    def seconds(self) -> float:
+        """Wall time of this SAE's training over every run (a resumed run adds its checkpoint's)."""
+        return self.seconds_before + time.time() - self.started
 
     def _export(self) -> SAE:
         """Fold the input scale back in, so the saved SAE encodes raw residuals (f scales by 1/scale)."""
@@ -274,7 +281,6 @@ def train_layer(cfg: SAETrainConfig, cache: ActivationCache, layer: int, out_dir
     cfg.json, and save it to `out_dir`."""
     from saealign.sae.evaluate import reconstruction_metrics
 
-    started = time.time()
     trainer = _Trainer(cfg, cache, layer, out_dir, cfg.model, device)
     sae = trainer.train()
     sae.cfg.metadata.update({"model_fingerprint": model_fingerprint, "training": dataclasses.asdict(cfg),
@@ -282,7 +288,7 @@ def train_layer(cfg: SAETrainConfig, cache: ActivationCache, layer: int, out_dir
                              "train_tokens": int(len(trainer.train_idx)),
                              "heldout_activation_metrics": reconstruction_metrics(sae, trainer.validation()),
                              "extraction": cache.meta.get("extraction"),
-                             "train_seconds": round(time.time() - started, 3),  # ms: tiny SAEs train in < 0.1 s
+                             "train_seconds": round(trainer.seconds(), 3),  # every run's; ms: tiny SAEs train in < 0.1 s
                              **metadata})
     sae.save(out_dir)
     return sae

@@ -40,7 +40,7 @@ class StaticSAE(LatentSteerer):
         super().__init__(sae_out, cfg)
         dspa_map.check_compatible(sae_out=sae_out)
         self.map = dspa_map
-        scores = dspa_map.mean_g() @ dspa_map.matrix(cfg.threshold)  # prompt-independent: centring would remove it
+        scores = dspa_map.static_scores(cfg.threshold)
         self.scores = scores
         self._static_sets = select_latents(scores.unsqueeze(0), cfg.k_diff, cfg.mode)
 

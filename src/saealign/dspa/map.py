@@ -151,6 +151,10 @@ class DSPAMap:
     def mean_g(self) -> torch.Tensor:
         return (self.g_sum / max(1, self.count)).float()
 
+    def static_scores(self, threshold: float | None = None) -> torch.Tensor:
+        """`A^T mean(g)`: static-sae's scores, the same for every prompt (the paper's A: centring removes them)."""
+        return self.mean_g() @ self.matrix(threshold)
+
     def repe_vector(self) -> torch.Tensor:
         """The mean-difference (RepE/CAA) vector at l_out from the fitting passes."""
         if self.repe_sum is None:
@@ -599,6 +603,8 @@ def fit_maps(model, tokenizer, pairs: Sequence[tuple[SAE, SAE]], triples, option
     exactly the one `fit_map` gives for its pair, saved, checkpointed and resumed in its own directory as
     `fit_map` does; maps that stopped at different points resume group by group. The recorded cost and fit
     time of each map are those of the shared passes."""
+    from saealign.data import triples_fingerprint
+
     if not triples:
         raise ValueError("no preference triples to fit a DSPA map on")
     options = options or FitOptions()
@@ -612,11 +618,11 @@ def fit_maps(model, tokenizer, pairs: Sequence[tuple[SAE, SAE]], triples, option
             sae.check_model(model)
             moved[id(sae)] = sae.to(device)
     pairs = [(moved[id(a)], moved[id(b)]) for a, b in pairs]
+    fingerprint = triples_fingerprint(triples)
     maps: list[DSPAMap | None] = [None] * len(pairs)
     pending: list[int] = []
     for i, ((sae_in, sae_out), out) in enumerate(zip(pairs, dirs)):
-        maps[i], finished = _start_fit(new_map(model, sae_in, sae_out, options, _fingerprint(triples), seed), out,
-                                       overwrite)
+        maps[i], finished = _start_fit(new_map(model, sae_in, sae_out, options, fingerprint, seed), out, overwrite)
         if not finished:
             pending.append(i)
     for start in sorted({maps[i].count for i in pending}):
@@ -626,12 +632,6 @@ def fit_maps(model, tokenizer, pairs: Sequence[tuple[SAE, SAE]], triples, option
         for i, m in zip(group, done):
             maps[i] = m
     return maps
-
-
-def _fingerprint(triples) -> str:
-    from saealign.data import triples_fingerprint
-
-    return triples_fingerprint(triples)
 
 
 def _start_fit(fresh: DSPAMap, out: Path | None, overwrite: bool) -> tuple[DSPAMap, bool]:
@@ -659,7 +659,7 @@ def _start_fit(fresh: DSPAMap, out: Path | None, overwrite: bool) -> tuple[DSPAM
 def _fit_group(model, tokenizer, pairs: list[tuple[SAE, SAE]], maps: list[DSPAMap], dirs: list[Path | None], triples,
                options: FitOptions, checkpoint_every: int, snapshots: Sequence[int], progress: bool) -> list[DSPAMap]:
     """Continue maps that all hold the same first `count` triples to the end of `triples`."""
-    from saealign.data import collate_pairs, render_triples
+    from saealign.data import collate_pairs, render_triples, triples_fingerprint
 
     sae_ins = list({id(a): a for a, _ in pairs}.values())
     sae_outs = list({id(b): b for _, b in pairs}.values())
@@ -689,11 +689,12 @@ def _fit_group(model, tokenizer, pairs: list[tuple[SAE, SAE]], maps: list[DSPAMa
                 m.count += len(items)
             bar.update(len(items))
         start = end
+        snapshot_fingerprint = triples_fingerprint(triples[:end]) if end in snapshots else None
         for m, out in zip(maps, dirs):
             m.meta.fit_seconds = round(seconds_before + time.time() - t0, 2)  # all segments of a resumed fit
             m.meta.cost = meter.result()
             if end in snapshots and out is not None:
-                snap = dataclasses.replace(m, meta=dataclasses.replace(m.meta, data_fingerprint=_fingerprint(triples[:end])))
+                snap = dataclasses.replace(m, meta=dataclasses.replace(m.meta, data_fingerprint=snapshot_fingerprint))
                 _save_whole(snap, out / f"snapshot_{end}")
             if out is not None and end < len(triples):
                 checkpoint = out / "partial" / f"{end:012d}"

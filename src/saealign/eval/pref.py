@@ -46,9 +46,14 @@ def preference_hits(scores: SequenceScores) -> dict[str, np.ndarray]:
             "pref_acc_norm": wins(norm_c, norm_r, TIE_ATOL)}
 
 
+def implicit_rewards(method: SequenceScores, base: SequenceScores) -> tuple[np.ndarray, np.ndarray]:
+    """Per triple, the implicit rewards (log-ratio to base) of the chosen and the rejected response."""
+    return method.logp_chosen - base.logp_chosen, method.logp_rejected - base.logp_rejected
+
+
 def reward_hits(method: SequenceScores, base: SequenceScores) -> np.ndarray:
-    """Per triple, whether the implicit reward (log-ratio to base) prefers the chosen response (1, a tie 1/2, else 0)."""
-    return wins(method.logp_chosen - base.logp_chosen, method.logp_rejected - base.logp_rejected, TIE_ATOL)
+    """Per triple, whether the implicit reward prefers the chosen response (1, a tie 1/2, else 0)."""
+    return wins(*implicit_rewards(method, base), TIE_ATOL)
 
 
 def preference_metrics(method: SequenceScores, base: SequenceScores | None, n_boot: int = N_BOOT,
@@ -57,11 +62,11 @@ def preference_metrics(method: SequenceScores, base: SequenceScores | None, n_bo
     (fractions in [0, 1] and nats), each with its bootstrap interval over triples."""
     out = {name: mean_estimate(hits, n_boot, seed) for name, hits in preference_hits(method).items()}
     if base is not None:
-        hits = reward_hits(method, base)
+        r_c, r_r = implicit_rewards(method, base)
+        hits = wins(r_c, r_r, TIE_ATOL)
         out["reward_acc"] = mean_estimate(hits, n_boot, seed)
         out["reward_tie_rate"] = mean_estimate((hits == 0.5).astype(float), n_boot, seed)
-        margin = (method.logp_chosen - base.logp_chosen) - (method.logp_rejected - base.logp_rejected)
-        out["reward_margin"] = mean_estimate(margin, n_boot, seed)
+        out["reward_margin"] = mean_estimate(r_c - r_r, n_boot, seed)
     return out
 
 

@@ -373,6 +373,12 @@ def test_centred_map_drops_the_prompt_independent_direction():
     plain, = map_signal(real, held_out, k_prompt=8, k_diff=6, n_boot=300)
     centred, = map_signal(real, held_out, k_prompt=8, k_diff=6, n_boot=300, center=True)
     assert plain["edited_overlap_static"]["value"] > 0.9 > 0.5 > centred["edited_overlap_static"]["value"]
+    from saealign.dspa.diagnostics import jaccard
+    from saealign.dspa.steer import prompt_scores
+
+    centred_scores = prompt_scores(real.matrix(center=True), held_out.g, 8, real.mean_g())
+    static_overlap = jaccard(centred_scores.abs(), real.static_scores().unsqueeze(0).abs(), 6).mean()
+    assert centred["edited_overlap_static"]["value"] == pytest.approx(static_overlap)  # static-sae's set, uncentred
     gain = centred["alignment"]["value"] - centred["alignment_shuffled_prompts"]["value"]
     assert gain > 0 and centred["agreement"]["ci95"][0] > 0.5  # what remains is prompt-conditional signal
     a, ac = real.matrix(), real.matrix(center=True)

@@ -141,23 +141,21 @@ def map_signal(dspa_map: DSPAMap | Sequence[DSPAMap], stats: HeldOutStatistics, 
 
     shuffled = torch.as_tensor(_derangement(len(stats.g), seed))
     prompt_overlap = jaccard(stats.g, stats.g.mean(0, keepdim=True), k_prompt)
+    named = sorted({k for k in kinds or () if k is not None})
+    by_kind = {kind: torch.tensor([k == kind for k in kinds]) for kind in named} if len(named) > 1 else {}
     rows = []
     for m in maps:
-        a = m.matrix(threshold, center)
-        scores = prompt_scores(a, stats.g, k_prompt, m.mean_g() if center else None)
+        scores = prompt_scores(m.matrix(threshold, center), stats.g, k_prompt, m.mean_g() if center else None)
         own = signal_metrics(scores, stats.delta, k_diff, n_boot, seed)
         other = signal_metrics(scores[shuffled], stats.delta, k_diff, n_boot, seed)
-        static_scores = (m.mean_g() @ a).unsqueeze(0)  # static-sae's scores
-        overlaps = {"edited_overlap_static": jaccard(scores.abs(), static_scores.abs(), k_diff),
+        static = m.static_scores(threshold).unsqueeze(0)  # what static-sae edits, whatever `center`
+        overlaps = {"edited_overlap_static": jaccard(scores.abs(), static.abs(), k_diff),
                     "prompt_latents_overlap_mean": prompt_overlap}
         row = {"n_fit": m.count, **own, **{f"{k}_shuffled_prompts": v for k, v in other.items() if k != "signal"},
                **{k: mean_estimate(v, n_boot, seed).to_json() for k, v in overlaps.items()}}
-        named = sorted({k for k in kinds or () if k is not None})
-        if len(named) > 1:
-            row["by_kind"] = {}
-            for kind in named:
-                mask = torch.tensor([k == kind for k in kinds])
-                row["by_kind"][kind] = signal_metrics(scores[mask], stats.delta[mask], k_diff, n_boot, seed)
+        if by_kind:
+            row["by_kind"] = {kind: signal_metrics(scores[mask], stats.delta[mask], k_diff, n_boot, seed)
+                              for kind, mask in by_kind.items()}
         rows.append(row)
     return rows
 

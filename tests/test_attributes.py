@@ -171,6 +171,25 @@ def test_best_of_k_triples_provenance_and_load(tiny, tmp_path, prompts_file):
     assert [t.chosen for t in triples] == [r["chosen"][0]["content"] for r in rows]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_samples_share_one_prefill_and_equal_whole_rows(arch):
+    """K samples per prompt prefill each prompt once (a forward over the prompts alone, then decoding of
+    n x K rows); greedily they equal the plain answers, left padding included, and sampled they differ."""
+    from saealign.runtime.generation import Sampling, generate
+
+    model, tok = build_tiny(arch), CharTok()
+    prompts = ["short", "a much longer prompt about bread", "medium prompt"]
+    rows_seen: list[int] = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, i, o: rows_seen.append(o.shape[0]))
+    greedy = generate(model, tok, prompts, Sampling(0.0, 1.0, 5), batch_size=16, num_samples=3, progress=False)
+    handle.remove()
+    assert rows_seen[0] == 3 and set(rows_seen[1:]) == {9}, rows_seen  # one prefill of the 3 prompts
+    plain = generate(model, tok, prompts, Sampling(0.0, 1.0, 5), batch_size=16, progress=False)
+    assert [g.token_ids for g in greedy] == [g.token_ids for g in plain for _ in range(3)]
+    sampled = generate(model, tok, prompts, Sampling(1.0, 1.0, 8), batch_size=16, num_samples=4, progress=False)
+    assert len(sampled) == 12 and all(len({tuple(g.token_ids) for g in sampled[i:i + 4]}) > 1 for i in (0, 4, 8))
+
+
 def test_shuffled_labels_swap_a_seeded_half(tmp_path):
     from saealign.best_of_k import write_shuffled_labels
 

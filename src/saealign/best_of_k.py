@@ -42,10 +42,11 @@ SETTINGS = ("model", "data", "sources", "n", "seed", "split_seed", "max_prompt_w
             "batch_size", "prompts_fingerprint")
 
 
-def batch_seed(seed: int, batch: int) -> int:
-    """The sampling seed of one batch of prompts. `generate` seeds its own inner batches `s, s+1, ...`, so
-    consecutive integers would give two prompt batches the same random streams; a hash keeps them apart."""
-    return int(text_fingerprint([seed, batch])[:12], 16)
+def batch_seed(seed: int, batch: int, k: int | None = None) -> int:
+    """The sampling seed of one batch of prompts (of its prompts sampled `k` times, when a batch mixes
+    kinds with different K). `generate` seeds its own inner batches `s, s+1, ...`, so consecutive
+    integers would give two prompt batches the same random streams; a hash keeps them apart."""
+    return int(text_fingerprint([seed, batch] if k is None else [seed, batch, k])[:12], 16)
 
 
 @dataclass(frozen=True)
@@ -258,13 +259,16 @@ def build_best_of_k(cfg: BestOfKConfig, model=None, tokenizer=None, progress: bo
     for b in range(state["batches_done"], len(batches)):
         batch = batches[b]
         ks = [k_of.get(p.kind, cfg.k) for p in batch]
-        conversations = [p.conversation for p, k in zip(batch, ks) for _ in range(k)]
-        texts = generate_chat(model, tokenizer, conversations, sampling, seed=batch_seed(cfg.seed, b),
-                              batch_size=cfg.batch_size, progress=False)
-        triples, samples, start = [], [], 0
-        for p, k in zip(batch, ks):
-            answers = texts[start:start + k]
-            start += k
+        answers_of: dict[int, list[str]] = {}
+        for k in sorted(set(ks)):
+            group = [i for i, ki in enumerate(ks) if ki == k]
+            texts = generate_chat(model, tokenizer, [batch[i].conversation for i in group], sampling,
+                                  seed=batch_seed(cfg.seed, b, None if len(set(ks)) == 1 else k),
+                                  batch_size=cfg.batch_size, progress=False, num_samples=k)
+            answers_of.update({i: texts[j * k:(j + 1) * k] for j, i in enumerate(group)})
+        triples, samples = [], []
+        for i, p in enumerate(batch):
+            answers = answers_of[i]
             scores = [scorer(p.text, a, p.kind) for a in answers]
             outcome = pick(scores, scorer.goal, cfg.min_margin)
             counts["prompts"] += 1

@@ -131,10 +131,17 @@ def _generation_config(model, sampling: Sampling, pad_id: int, eos_ids: list[int
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], sampling: Sampling = Sampling(), *, seed: int = 0,
              batch_size: int = 8, intervention: Intervention | None = None, top_logprobs: int | None = None,
-             progress: bool = True, desc: str = "generate") -> list[Generation]:
-    """Complete rendered prompt texts. `top_logprobs` (k >= 0) also returns per-token log-probabilities."""
+             progress: bool = True, desc: str = "generate", num_samples: int = 1) -> list[Generation]:
+    """Complete rendered prompt texts. `top_logprobs` (k >= 0) also returns per-token log-probabilities.
+
+    `num_samples` answers per prompt come back prompt-major (prompt 0's samples first); `batch_size` counts
+    sequences. Without an intervention each prompt is prefilled once and its KV cache repeated for its
+    samples: best-of-K's prompts are longer than its answers, so repeating the prefill K times would cost
+    more than the decoding. (An intervention reads its prompt during the prefill, so it keeps whole rows.)"""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if not prompts:
         return []
     device = model_device(model)
@@ -144,23 +151,39 @@ def generate(model, tokenizer, prompts: Sequence[str], sampling: Sampling = Samp
     encoded = encode_prompts(tokenizer, prompts, None if limit is None else limit - sampling.max_new_tokens)
     cfg = _generation_config(model, sampling, pad_id, eos_ids, top_logprobs is not None)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
-    results: list[Generation | None] = [None] * len(encoded)
-    starts = range(0, len(order), batch_size)
+    results: list[Generation | None] = [None] * (len(encoded) * num_samples)
+    per_call = max(1, batch_size // num_samples)
+    share_prefill = num_samples > 1 and intervention is None
     scope = apply_intervention(intervention, model)
-    with scope, tqdm(total=len(order), desc=desc, disable=not progress, leave=False) as bar:
-        for batch_index, start in enumerate(starts):
-            rows = order[start:start + batch_size]
+    with scope, tqdm(total=len(results), desc=desc, disable=not progress, leave=False) as bar:
+        for batch_index, start in enumerate(range(0, len(order), per_call)):
+            rows = order[start:start + per_call]
             input_ids, mask = left_pad([encoded[i] for i in rows], pad_id, device)
+            cache = {}
+            if share_prefill and input_ids.shape[1] > 1:
+                cache = {cache_keyword(model): _prompt_cache(model, input_ids[:, :-1], mask[:, :-1], num_samples)}
+            input_ids, mask = input_ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
             torch.manual_seed(seed + batch_index)
-            out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg)
+            out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg, **cache)
             new = out.sequences[:, input_ids.shape[1]:].tolist()
             step_logprobs = None
             if top_logprobs is not None:
                 step_logprobs = [torch.log_softmax(step.float(), dim=-1) for step in out.logits]
-            for b, i in enumerate(rows):
-                results[i] = _finish(tokenizer, new[b], len(encoded[i]), eos_ids, step_logprobs, b, top_logprobs)
-            bar.update(len(rows))
+            for b in range(len(new)):
+                i, sample = rows[b // num_samples], b % num_samples
+                results[i * num_samples + sample] = _finish(tokenizer, new[b], len(encoded[i]), eos_ids,
+                                                            step_logprobs, b, top_logprobs)
+            bar.update(len(new))
     return results  # type: ignore[return-value]
+
+
+def _prompt_cache(model, input_ids: torch.Tensor, mask: torch.Tensor, repeats: int) -> DynamicCache:
+    """The KV cache of left-padded prompt tokens, computed once and repeated `repeats` times per row."""
+    cache = DynamicCache(config=model.config)
+    model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+          logits_to_keep=1, **{cache_keyword(model): cache})
+    cache.batch_repeat_interleave(repeats)
+    return cache
 
 
 def _finish(tokenizer, new_ids: list[int], prompt_tokens: int, eos_ids: list[int],
@@ -182,12 +205,13 @@ def _finish(tokenizer, new_ids: list[int], prompt_tokens: int, eos_ids: list[int
 
 def generate_chat(model, tokenizer, conversations: Sequence[Conversation], sampling: Sampling = Sampling(), *,
                   seed: int = 0, batch_size: int = 8, intervention: Intervention | None = None,
-                  progress: bool = True, desc: str = "generate") -> list[str]:
-    """Answer each conversation's last user turn; returns the assistant texts in input order."""
+                  progress: bool = True, desc: str = "generate", num_samples: int = 1) -> list[str]:
+    """Answer each conversation's last user turn; returns the assistant texts in input order (each
+    conversation's `num_samples` answers together)."""
     system_prompt = system_prompt_of(intervention)
     prompts = [render_chat(tokenizer, conv, system_prompt) for conv in conversations]
     outs = generate(model, tokenizer, prompts, sampling, seed=seed, batch_size=batch_size, intervention=intervention,
-                    progress=progress, desc=desc)
+                    progress=progress, desc=desc, num_samples=num_samples)
     return [g.text for g in outs]
 
 

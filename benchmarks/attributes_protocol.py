@@ -171,8 +171,13 @@ def protocol(attribute: str, s: dict, work: Path, results: Path, data: str) -> N
     excluded = HELD_OUT_EXCLUDES.get(attribute, fit_sources)
     fit_sources = s.get("fit_sources", fit_sources)
     work = work / attribute
-    triples = s.get("fit_triples") or best_of_k(work / "triples_fit", scorer, fit_sources, s["fit_prompts"], s, data,
-                                                temperature)
+    given = s.get("fit_triples")
+    if given and (len(given) > 1 or s.get("fit_kinds")):  # parts built apart (a GPU and a CPU part), or one kind
+        run("data", "merge-triples", *given, "--output", work / "triples_fit_merged",
+            *sources("--kind", s.get("fit_kinds") or []))
+        given = [work / "triples_fit_merged" / "triples.jsonl"]
+    triples = given[0] if given else best_of_k(work / "triples_fit", scorer, fit_sources, s["fit_prompts"], s, data,
+                                               temperature)
     if not enough_triples(triples, f"{attribute}: fitting"):
         return
     shuffled = work / "triples_fit_shuffled.jsonl"
@@ -211,8 +216,13 @@ def main() -> None:
     ap.add_argument("--attributes", nargs="+", default=list(ATTRIBUTES), choices=list(ATTRIBUTES))
     ap.add_argument("--tiny", action="store_true", help="16 prompts, K=3 (6 harmful), 12 tokens: shows the pipeline works")
     ap.add_argument("--gpu", action="store_true", help="the GPU settings (GPU above): benign triples too, K=16, wider grid")
-    ap.add_argument("--fit-triples", type=Path, help="best-of-K fit triples built earlier (a `data best-of-k` output's "
-                    "triples.jsonl, provenance.json beside it), e.g. on a GPU: used instead of sampling them here")
+    ap.add_argument("--fit-triples", type=Path, nargs="+", help="best-of-K fit triples built earlier (a `data best-of-k` "
+                    "output's triples.jsonl, provenance.json beside it), e.g. on a GPU: used instead of sampling them "
+                    "here; several parts are merged (`saealign data merge-triples`)")
+    ap.add_argument("--fit-kinds", nargs="+", help="keep the fit triples of these prompt kinds only (e.g. benign)")
+    ap.add_argument("--modes", nargs="+", help="steering modes of the validation grid (default: the preset's)")
+    ap.add_argument("--alphas", type=float, nargs="+", help="alphas of the validation grid (default: the preset's)")
+    ap.add_argument("--coefs", type=float, nargs="+", help="RepE coefficients of the validation grid (default: the preset's)")
     ap.add_argument("--validation-triples", type=Path, help="likewise for the held-out triples of the map-signal step")
     ap.add_argument("--batch", type=int, help="generation batch (default: the preset's)")
     args = ap.parse_args()
@@ -226,7 +236,8 @@ def main() -> None:
             settings = {**GPU, **GPU_BY_ATTRIBUTE.get(attribute, {})}
         else:
             settings = {**FULL, **FULL_BY_ATTRIBUTE.get(attribute, {})}
-        given = {"fit_triples": args.fit_triples, "validation_triples": args.validation_triples, "batch": args.batch}
+        given = {"fit_triples": args.fit_triples, "fit_kinds": args.fit_kinds, "validation_triples": args.validation_triples,
+                 "batch": args.batch, "modes": args.modes, "alphas": args.alphas, "coefs": args.coefs}
         settings.update({k: v for k, v in given.items() if v is not None})
         protocol(attribute, settings, Path(args.output), results, args.data)
 

@@ -238,6 +238,35 @@ def test_best_of_k_resume_is_exact_and_other_settings_refused(tiny, tmp_path, pr
         build_best_of_k(_bok(tmp_path / "full", prompts_file, k=4), model, tok, progress=False)
 
 
+def test_merge_triples_of_parts_by_kind_and_refuses_other_sampling(tiny, tmp_path, prompts_file):
+    from typer.testing import CliRunner
+
+    from saealign.best_of_k import merge_triples
+    from saealign.cli import app, data_cmd  # noqa: F401 (registers the command)
+
+    model, tok = tiny
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(f"another question {i}" for i in range(5)) + "\nquestion 0 about cooking\n")
+    a = build_best_of_k(_bok(tmp_path / "a", prompts_file, sources=[f"benign={prompts_file}"]), model, tok, progress=False)
+    b = build_best_of_k(_bok(tmp_path / "b", prompts_file, sources=[f"harmful={other}", f"benign={other}"], seed=1),
+                        model, tok, progress=False)
+    merged = merge_triples([tmp_path / "a", tmp_path / "b" / "triples.jsonl"], tmp_path / "m")
+    rows = [json.loads(line) for line in (tmp_path / "m" / "triples.jsonl").read_text().splitlines()]
+    dup = merged["counts"]["duplicates_dropped"]
+    assert len(rows) == a["counts"]["triples"] + b["counts"]["triples"] - dup == merged["counts"]["triples"]
+    assert len({r["id"] for r in rows}) == len(rows) and merged["counts"]["prompts"] == 7 + 12
+    assert [p["path"] for p in merged["parts"]] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    result = CliRunner().invoke(app, ["data", "merge-triples", str(tmp_path / "a"), str(tmp_path / "b"),
+                                      "--output", str(tmp_path / "mb"), "--kind", "benign"])
+    assert result.exit_code == 0, result.output
+    benign = [json.loads(line) for line in (tmp_path / "mb" / "triples.jsonl").read_text().splitlines()]
+    assert benign and {r["kind"] for r in benign} == {"benign"} and len(benign) < len(rows)
+    build_best_of_k(_bok(tmp_path / "c", prompts_file, temperature=0.5), model, tok, progress=False)
+    with pytest.raises(ValueError, match=r"c/provenance.json: field sampling.temperature is 0.5, expected 0.9"):
+        merge_triples([tmp_path / "a", tmp_path / "c"], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_best_of_k_kind_scorer_needs_kinds(tiny, tmp_path, prompts_file):
     with pytest.raises(ValueError, match="needs each prompt's kind"):
         build_best_of_k(_bok(tmp_path / "k", prompts_file, scorer="refuse_iff_harmful"), *tiny, progress=False)

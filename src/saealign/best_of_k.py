@@ -321,3 +321,57 @@ def write_shuffled_labels(src: str | Path, dst: str | Path, seed: int = 0) -> in
     write_jsonl(dst, [{k: record.get(partner.get(k, k), v) for k, v in record.items()} if i in swap else record
                       for i, record in enumerate(records)])
     return len(swap)
+
+
+# What best-of-K parts must share to be one data set: the answers come from one model under one scorer and
+# one sampling rule (device, seed, prompts and K may differ: a GPU part and a CPU part of the same pool).
+_MERGE_KEYS = (("model", "fingerprint"), ("scorer", "name"), ("scorer", "version"), ("sampling", "temperature"),
+               ("sampling", "top_p"), ("sampling", "max_new_tokens"))
+
+
+def merge_triples(parts: list[str | Path], output: str | Path, kinds: list[str] | None = None) -> dict[str, Any]:
+    """One triples file from several `data best-of-k` outputs (directories holding triples.jsonl and
+    provenance.json), keeping `kinds` only when given; a prompt in two parts keeps its first triple. Parts
+    that differ in model, scorer or sampling rule are refused before anything is written. Returns the
+    provenance written beside the merged triples (each part's provenance under `parts`)."""
+    if not parts:
+        raise ValueError("merge_triples needs at least one part")
+    dirs = [Path(p).parent if Path(p).name == "triples.jsonl" else Path(p) for p in parts]
+    provs = [read_json(d / "provenance.json") for d in dirs]  # FileNotFoundError names the missing file
+    for d, prov in zip(dirs[1:], provs[1:]):
+        for section, key in _MERGE_KEYS:
+            there, here = provs[0][section][key], prov[section][key]
+            if there != here:
+                raise ValueError(f"{d / 'provenance.json'}: field {section}.{key} is {here!r}, expected {there!r} "
+                                 f"(as in {dirs[0] / 'provenance.json'})")
+    records, seen, duplicates = [], set(), 0
+    for d in dirs:
+        for _, record in read_records(d / "triples.jsonl"):
+            if kinds is not None and record.get("kind") not in kinds:
+                continue
+            key = record.get("id") or json.dumps(record["prompt"], sort_keys=True)
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            records.append(record)
+    by_kind: dict[str, dict[str, int]] = {}
+    for prov in provs:
+        for kind, c in prov["counts"]["by_kind"].items():
+            if kinds is None or kind in kinds:
+                total = by_kind.setdefault(kind, {"prompts": 0, "triples": 0})
+                total["prompts"] += c["prompts"]
+    for record in records:
+        by_kind.setdefault(str(record.get("kind")), {"prompts": 0, "triples": 0})["triples"] += 1
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    from saealign.eval.mt_bench import write_jsonl
+
+    write_jsonl(out / "triples.jsonl", records)
+    provenance = {"model": provs[0]["model"], "scorer": provs[0]["scorer"],
+                  "sampling": {key: provs[0]["sampling"][key] for key in ("temperature", "top_p", "max_new_tokens")},
+                  "counts": {"prompts": sum(c["prompts"] for c in by_kind.values()), "triples": len(records),
+                             "duplicates_dropped": duplicates, "by_kind": by_kind},
+                  "kinds": kinds, "parts": [{"path": str(d), **prov} for d, prov in zip(dirs, provs)]}
+    write_json(out / "provenance.json", provenance)
+    return provenance

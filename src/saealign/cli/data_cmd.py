@@ -1,4 +1,4 @@
-"""`saealign data inspect`: what a preference file or HF dataset holds, and what is wrong with it."""
+"""`saealign data`: inspect a preference file or HF dataset, build best-of-K triples, merge best-of-K parts."""
 
 from __future__ import annotations
 
@@ -81,3 +81,22 @@ def best_of_k(cfg: BestOfKConfig) -> None:
     counts = build_best_of_k(cfg)["counts"]
     Console().print(f"prompts {counts['prompts']}, triples {counts['triples']}, skipped: tie {counts['skipped_tie']}, "
                     f"margin {counts['skipped_margin']}; by kind {counts['by_kind']}; written to {cfg.output}")
+
+
+@data_app.command("merge-triples")
+def merge_triples(
+    parts: list[Path] = typer.Argument(..., help="`data best-of-k` output directories (or their triples.jsonl)."),
+    output: Path = typer.Option(..., help="Directory for the merged triples.jsonl and provenance.json."),
+    kinds: list[str] | None = typer.Option(None, "--kind", help="Keep triples of this prompt kind only (repeat)."),
+) -> None:
+    """One triples file from best-of-K parts built apart (e.g. a GPU part and a CPU part of one prompt
+    pool): same model, scorer and sampling rule required; each part's provenance kept."""
+    from saealign.best_of_k import merge_triples as merge
+
+    try:
+        counts = merge([str(p) for p in parts], output, kinds or None)["counts"]
+    except (OSError, ValueError) as err:
+        raise typer.BadParameter(str(err), param_hint="PARTS") from err
+    Console().print(f"triples {counts['triples']} from {counts['prompts']} prompts "
+                    f"({counts['duplicates_dropped']} duplicates dropped); by kind {counts['by_kind']}; "
+                    f"written to {output}")

@@ -223,6 +223,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", help="steering modes of the validation grid (default: the preset's)")
     ap.add_argument("--alphas", type=float, nargs="+", help="alphas of the validation grid (default: the preset's)")
     ap.add_argument("--coefs", type=float, nargs="+", help="RepE coefficients of the validation grid (default: the preset's)")
+    ap.add_argument("--snapshots", type=int, nargs="+", help="map snapshots at these N (nested seeded draws; default: the preset's)")
     ap.add_argument("--validation-triples", type=Path, help="likewise for the held-out triples of the map-signal step")
     ap.add_argument("--batch", type=int, help="generation batch (default: the preset's)")
     args = ap.parse_args()
@@ -237,7 +238,8 @@ def main() -> None:
         else:
             settings = {**FULL, **FULL_BY_ATTRIBUTE.get(attribute, {})}
         given = {"fit_triples": args.fit_triples, "fit_kinds": args.fit_kinds, "validation_triples": args.validation_triples,
-                 "batch": args.batch, "modes": args.modes, "alphas": args.alphas, "coefs": args.coefs}
+                 "batch": args.batch, "modes": args.modes, "alphas": args.alphas, "coefs": args.coefs,
+                 "snapshots": args.snapshots}
         settings.update({k: v for k, v in given.items() if v is not None})
         protocol(attribute, settings, Path(args.output), results, args.data)
 

@@ -1,0 +1,143 @@
+"""The restricted-data sweep's second metric (issue #14): an attribute benchmark's paired change against base,
+for the steered methods at each N, beside what the alignment stage cost.
+
+It reads a finished `attributes_protocol.py` run of one attribute (WORK = its OUTPUT/ATTRIBUTE directory):
+- the maps are its DSPA fit and the fit's snapshots (`--snapshots`: the map of the seeded N-draw of the
+  attribute's fit triples, with its counted `cost`); static-sae and RepE come from the same map;
+- the settings are the ones chosen on validation at the full pool (WORK/chosen_on_validation.json), held
+  fixed across N;
+- the test prompts, scorer and generation settings are the protocol's test run's (WORK/test), and its base
+  answers are reused; each (method, N) is one `saealign eval attributes` run in WORK/sweep.
+
+Resumable (answers are kept per method; finished runs are kept in the JSON).
+
+    python benchmarks/attribute_sweep.py --work runs/attributes/refusal --ns 100 250 500 full
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from saealign._io import read_json, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("dspa", "static-sae", "repe")
+CHOSEN_KEY = {"dspa": "dspa", "static-sae": "static", "repe": "repe"}  # attributes_protocol.py's names
+FLAGS = {"alpha": "--alpha", "mode": "--mode", "coef": "--coef"}
+
+
+def map_at(work: Path, n: str) -> Path:
+    return work / "map" if n == "full" else work / "map" / f"snapshot_{n}"
+
+
+def evaluate(work: Path, method: str, n: str, setting: dict, test_config: dict) -> dict:
+    """`saealign eval attributes` of METHOD at N on the protocol's test prompts; returns the method's record."""
+    out = work / "sweep" / f"{method}_n{n}"
+    base = out / "answers" / "base.jsonl"
+    if not base.exists():
+        base.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(work / "test" / "answers" / "base.jsonl", base)
+    c = test_config
+    cmd = [sys.executable, "-m", "saealign", "eval", "attributes", "--data", c["data"], "--scorer", c["scorer"]["name"],
+           "--n", str(c["n"]), "--max-new-tokens", str(c["max_new_tokens"]), "--batch-size", str(c["batch_size"]),
+           "--methods", "base", "--methods", f"{method}={method}:{map_at(work, n)}", "--output", str(out)]
+    cmd += [a for s in c["sources"] for a in ("--sources", s)] + [a for s in c["exclude"] for a in ("--exclude", s)]
+    cmd += [a for key, value in setting.items() for a in (FLAGS[key], str(value))]
+    print("+ saealign " + " ".join(cmd[3:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return next(r for r in read_json(out / "results.json")["records"] if r["method"] == method)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, required=True, help="attributes_protocol.py's OUTPUT/ATTRIBUTE directory")
+    ap.add_argument("--ns", nargs="+", default=["100", "250", "500", "full"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--output", type=Path, help="default: benchmarks/results/restricted_sweep_<attribute>.json")
+    args = ap.parse_args()
+    attribute = args.work.name
+    output = args.output or ROOT / "benchmarks" / "results" / f"restricted_sweep_{attribute}.json"
+    chosen = read_json(args.work / "chosen_on_validation.json")
+    test_records = read_json(args.work / "test" / "results.json")["records"]
+    test_config = test_records[0]["config"]
+    headline = test_records[0]["headline"][0]
+    result = read_json(output) if output.exists() else {}
+    result.update({"benchmark": f"restricted-data sweep, attribute {attribute}", "headline": headline,
+                   "work": str(args.work), "test_sources": test_config["sources"], "test_n": test_config["n_prompts"],
+                   "settings": {"chosen_on": "validation, N = full (chosen_on_validation.json)", **chosen}})
+    runs = result.setdefault("runs", {})
+    for n in args.ns:
+        for method in args.methods:
+            key = f"{method}@{n}"
+            if key in runs:
+                continue
+            started = time.time()
+            setting = chosen.get(CHOSEN_KEY[method], {})
+            record = evaluate(args.work, method, n, setting, test_config)
+            map_config = read_json(map_at(args.work, n) / "config.json")
+            runs[key] = {"method": method, "n": n, "triples": map_config["count"], "setting": setting,
+                         "value": record["metrics"][headline], "delta": record["deltas"][headline],
+                         "perplexity": record["metrics"]["perplexity"]["value"], "cost": map_config["cost"],
+                         "eval_seconds": round(time.time() - started, 1)}
+            write_json(output, result)
+            d = runs[key]["delta"]
+            print(f"{key}: Δ {headline} {d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]", flush=True)
+    output.with_suffix(".md").write_text(table(result))
+    plot(result, output.with_suffix(".png"))
+
+
+def _as_number(n: str) -> float:
+    return float("inf") if n == "full" else float(n)
+
+
+def _rows(result: dict):
+    return sorted(result["runs"].values(), key=lambda r: (r["method"], _as_number(r["n"])))
+
+
+def table(result: dict) -> str:
+    h = result["headline"]
+    lines = [f"Paired change of `{h}` against base on {result['test_n']} test prompts ({', '.join(result['test_sources'])}; "
+             "95 % bootstrap CI), settings chosen on validation at the full pool and held fixed; the map's counted "
+             "alignment-stage cost.", "",
+             f"| method | N | Δ {h} [95% CI] | perplexity | FLOPs | wall s |", "|---|---|---|---|---|---|"]
+    for r in _rows(result):
+        d = r["delta"]
+        lines.append(f"| {r['method']} | {r['n']} ({r['triples']}) | {d['value']:+.3f} [{d['ci95'][0]:+.3f}, "
+                     f"{d['ci95'][1]:+.3f}] | {r['perplexity']:.3f} | {r['cost']['flops']['total']:.3g} | "
+                     f"{r['cost']['wall_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = result["headline"]
+    fig, (by_n, by_flops) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for k, method in enumerate(dict.fromkeys(r["method"] for r in _rows(result))):
+        rows = [r for r in _rows(result) if r["method"] == method]
+        ns = [r["triples"] * 1.04 ** k for r in rows]  # nudged apart: methods share the N values
+        d = [r["delta"]["value"] for r in rows]
+        err = [[v - r["delta"]["ci95"][0] for v, r in zip(d, rows)], [r["delta"]["ci95"][1] - v for v, r in zip(d, rows)]]
+        by_n.errorbar(ns, d, yerr=err, marker="o", capsize=3, label=method)
+        by_flops.errorbar([r["cost"]["flops"]["total"] for r in rows], d, yerr=err, marker="o", capsize=3, label=method)
+    for ax, label in ((by_n, "N (fit triples; methods nudged apart)"), (by_flops, "alignment-stage FLOPs (counted)")):
+        ax.set_xscale("log")
+        ax.axhline(0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"Δ {h} vs base (95% CI)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Restricted-data sweep, {result['benchmark'].split(', ')[-1]}, {result['test_n']} test prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

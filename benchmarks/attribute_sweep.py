@@ -6,6 +6,8 @@ It reads a finished `attributes_protocol.py` run of one attribute (WORK = its OU
   attribute's fit triples, with its counted `cost`); static-sae and RepE come from the same map;
 - the settings are the ones chosen on validation at the full pool (WORK/chosen_on_validation.json), held
   fixed across N;
+- DPO and RAHF-SCIT are trained on the same seeded N-draws of the map's fit triples, with the settings of
+  `restricted_sweep.py` (its `train`), and evaluated as `model:PATH`;
 - the test prompts, scorer and generation settings are the protocol's test run's (WORK/test), and its base
   answers are reused; each (method, N) is one `saealign eval attributes` run in WORK/sweep.
 
@@ -23,10 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+from restricted_sweep import TRAINED, train
 from saealign._io import read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("dspa", "static-sae", "repe")
+STEERED = ("dspa", "static-sae", "repe")
 CHOSEN_KEY = {"dspa": "dspa", "static-sae": "static", "repe": "repe"}  # attributes_protocol.py's names
 FLAGS = {"alpha": "--alpha", "mode": "--mode", "coef": "--coef"}
 
@@ -35,8 +38,8 @@ def map_at(work: Path, n: str) -> Path:
     return work / "map" if n == "full" else work / "map" / f"snapshot_{n}"
 
 
-def evaluate(work: Path, method: str, n: str, setting: dict, test_config: dict) -> dict:
-    """`saealign eval attributes` of METHOD at N on the protocol's test prompts; returns the method's record."""
+def evaluate(work: Path, method: str, n: str, spec: str, setting: dict, test_config: dict) -> dict:
+    """`saealign eval attributes` of METHOD (`spec`) at N on the protocol's test prompts; returns its record."""
     out = work / "sweep" / f"{method}_n{n}"
     base = out / "answers" / "base.jsonl"
     if not base.exists():
@@ -45,7 +48,7 @@ def evaluate(work: Path, method: str, n: str, setting: dict, test_config: dict) 
     c = test_config
     cmd = [sys.executable, "-m", "saealign", "eval", "attributes", "--data", c["data"], "--scorer", c["scorer"]["name"],
            "--n", str(c["n"]), "--max-new-tokens", str(c["max_new_tokens"]), "--batch-size", str(c["batch_size"]),
-           "--methods", "base", "--methods", f"{method}={method}:{map_at(work, n)}", "--output", str(out)]
+           "--methods", "base", "--methods", f"{method}={spec}", "--output", str(out)]
     cmd += [a for s in c["sources"] for a in ("--sources", s)] + [a for s in c["exclude"] for a in ("--exclude", s)]
     cmd += [a for key, value in setting.items() for a in (FLAGS[key], str(value))]
     print("+ saealign " + " ".join(cmd[3:]), flush=True)
@@ -57,7 +60,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, required=True, help="attributes_protocol.py's OUTPUT/ATTRIBUTE directory")
     ap.add_argument("--ns", nargs="+", default=["100", "250", "500", "full"])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(STEERED), choices=[*STEERED, *TRAINED])
+    ap.add_argument("--max-length", type=int, default=256, help="the trained methods' cap on prompt + answer tokens")
     ap.add_argument("--output", type=Path, help="default: benchmarks/results/restricted_sweep_<attribute>.json")
     args = ap.parse_args()
     attribute = args.work.name
@@ -77,12 +81,21 @@ def main() -> None:
             if key in runs:
                 continue
             started = time.time()
-            setting = chosen.get(CHOSEN_KEY[method], {})
-            record = evaluate(args.work, method, n, setting, test_config)
-            map_config = read_json(map_at(args.work, n) / "config.json")
-            runs[key] = {"method": method, "n": n, "triples": map_config["count"], "setting": setting,
+            if method in STEERED:
+                setting = chosen.get(CHOSEN_KEY[method], {})
+                record = evaluate(args.work, method, n, f"{method}:{map_at(args.work, n)}", setting, test_config)
+                config = read_json(map_at(args.work, n) / "config.json")
+                triples, cost = config["count"], config["cost"]
+            else:
+                setting = {}
+                fit = read_json(args.work / "map" / "config.json")["data"]["source"]
+                trained = train(method, n, ["--data", fit], args.work / "sweep" / f"{method}_n{n}_model", args.max_length)
+                record = evaluate(args.work, method, n, f"model:{trained}", setting, test_config)
+                summary = read_json(trained / "train_summary.json")
+                triples, cost = summary["n_pairs"] if method == "dpo" else summary["n_triples"], summary["cost"]
+            runs[key] = {"method": method, "n": n, "triples": triples, "setting": setting,
                          "value": record["metrics"][headline], "delta": record["deltas"][headline],
-                         "perplexity": record["metrics"]["perplexity"]["value"], "cost": map_config["cost"],
+                         "perplexity": record["metrics"]["perplexity"]["value"], "cost": cost,
                          "eval_seconds": round(time.time() - started, 1)}
             write_json(output, result)
             d = runs[key]["delta"]

@@ -48,14 +48,14 @@ def map_at(map_dir: Path, n: str) -> Path:
     return map_dir if n == "full" else map_dir / f"snapshot_{n}"
 
 
-def train(method: str, n: str, args: argparse.Namespace) -> Path:
-    """Train `method` on the seeded N-draw in a subprocess (the CLI a user runs); a finished run is reused."""
-    out = args.workdir / f"{method}_n{n}"
+def train(method: str, n: str, data: list[str], out: Path, max_length: int, save_steps: int = 5,
+          mixed_precision: str = "no") -> Path:
+    """Train `method` on the seeded N-draw of `data` (CLI data flags) in a subprocess (the CLI a user runs);
+    a finished run is reused, an interrupted one resumed."""
     if (out / "train_summary.json").exists():
         return out
-    common = ["--data", str(args.data), "--data-role", "fit", "--seed", "0", "--max-length", str(args.max_length),
-              "--output", str(out), "--save-steps", str(args.save_steps), "--mixed-precision", args.mixed_precision,
-              "--no-progress"]
+    common = [*data, "--seed", "0", "--max-length", str(max_length), "--output", str(out), "--save-steps",
+              str(save_steps), "--mixed-precision", mixed_precision, "--no-progress"]
     if (out / "step1").exists() or any(out.glob("checkpoint-*")):
         common += ["--resume-from-checkpoint", "latest"]
     if n != "full":
@@ -126,7 +126,8 @@ def main() -> None:
         for method in (m for m in args.methods if m in TRAINED):
             if f"{method}@{n}" in runs:
                 continue
-            out = train(method, n, args)
+            out = train(method, n, ["--data", str(args.data), "--data-role", "fit"], args.workdir / f"{method}_n{n}",
+                        args.max_length, args.save_steps, args.mixed_precision)
             started = time.time()
             policy, _ = load_model(str(out), dtype=args.dtype)
             scores = score_triples(policy, tok, test, None, args.max_length, desc=f"score {method} N={n}")

@@ -97,9 +97,13 @@ def main() -> None:
                          "value": record["metrics"][headline], "delta": record["deltas"][headline],
                          "perplexity": record["metrics"]["perplexity"]["value"], "cost": cost,
                          "eval_seconds": round(time.time() - started, 1)}
+            if output.exists():  # another sweep process (other methods) may have written since: keep its runs
+                runs.update({k: v for k, v in read_json(output)["runs"].items() if k not in runs})
             write_json(output, result)
             d = runs[key]["delta"]
             print(f"{key}: Δ {headline} {d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]", flush=True)
+    if output.exists():
+        runs.update({k: v for k, v in read_json(output)["runs"].items() if k not in runs})
     output.with_suffix(".md").write_text(table(result))
     plot(result, output.with_suffix(".png"))
 

@@ -9,7 +9,8 @@ It reads a finished `attributes_protocol.py` run of one attribute (WORK = its OU
 - DPO and RAHF-SCIT are trained on the same seeded N-draws of the map's fit triples, with the settings of
   `restricted_sweep.py` (its `train`), and evaluated as `model:PATH`;
 - the test prompts, scorer and generation settings are the protocol's test run's (WORK/test), and its base
-  answers are reused; each (method, N) is one `saealign eval attributes` run in WORK/sweep.
+  answers are reused; each (method, N) is one `saealign eval attributes` run in WORK/sweep, except the steered
+  methods at the full pool: those are the test run itself (the same map, with the chosen settings recorded in it).
 
 Resumable (answers are kept per method; finished runs are kept in the JSON).
 
@@ -83,7 +84,9 @@ def main() -> None:
             started = time.time()
             if method in STEERED:
                 setting = chosen.get(CHOSEN_KEY[method], {})
-                record = evaluate(args.work, method, n, f"{method}:{map_at(args.work, n)}", setting, test_config)
+                tested = next((r for r in test_records if r["method"] == method), None)
+                record = tested if n == "full" and tested else evaluate(  # the full map is the protocol's test run
+                    args.work, method, n, f"{method}:{map_at(args.work, n)}", setting, test_config)
                 config = read_json(map_at(args.work, n) / "config.json")
                 triples, cost = config["count"], config["cost"]
             else:

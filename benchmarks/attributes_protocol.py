@@ -7,7 +7,8 @@ Per attribute (repetition: less; refusal on benign prompts: fewer; refuse_iff_ha
 3. held-out signal of the maps on best-of-K triples from validation-role prompts (`saealign eval map-signal`);
 4. steering settings chosen on validation-role prompts (`saealign eval attributes` over a small grid):
    the best paired attribute change whose perplexity stays within PPL_GUARD of base and whose distinct-2
-   stays above DISTINCT_GUARD of base; recorded in the map (`record_recommended`), the control gets the same;
+   stays above DISTINCT_GUARD of base, the lower perplexity between equal changes; recorded in the map
+   (`record_recommended`), the control gets the same;
 5. held-out evaluation on test-role prompts for base, dspa, static-sae, repe, prompt-prefix and the
    shuffled-label map (validation and test prompts exclude every fit prompt's text, `--exclude`); results
    copied to RESULTS/attributes_<attribute>_results.json (`saealign report RESULTS` finds it), .md and .png,
@@ -146,9 +147,10 @@ def choose(work: Path, attribute: str, map_dir: Path, s: dict, data: str) -> dic
         for r in records:
             if r["method"] == "base" or not acceptable(r, base):
                 continue
-            gain = direction * r["deltas"][headline]["value"]
-            if gain > best.get(r["method"], (float("-inf"), {}))[0]:
-                best[r["method"]] = (gain, setting)
+            # the largest gain; between equal gains (a rate over 100 prompts ties often) the lower perplexity
+            rank = (direction * r["deltas"][headline]["value"], -r["metrics"]["perplexity"]["value"])
+            if rank > best.get(r["method"], ((float("-inf"), 0.0), {}))[0]:
+                best[r["method"]] = (rank, setting)
     return {method: setting for method, (_, setting) in best.items()}
 
 

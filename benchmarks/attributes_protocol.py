@@ -140,7 +140,13 @@ def choose(work: Path, attribute: str, map_dir: Path, s: dict, data: str) -> dic
         if shared_base.exists() and not (out / "answers" / "base.jsonl").exists():
             (out / "answers").mkdir(parents=True, exist_ok=True)
             shutil.copy(shared_base, out / "answers" / "base.jsonl")
-        records = evaluate(out, scorer, val_sources, excluded, s["val_prompts"], ["base", *methods], s, data, options)
+        # a finished setting is read back: recommending the choice changes the map's config, and with it the
+        # identity its answers were saved under, so a rerun after that point could not reuse them
+        done = read_json(out / "results.json")["records"] if (out / "results.json").exists() else []
+        if not all(r["config"].get(key) == value for r in done if r["method"] != "base" for key, value in setting.items()):
+            done = []  # another grid in this directory
+        records = done or evaluate(out, scorer, val_sources, excluded, s["val_prompts"], ["base", *methods], s, data,
+                                   options)
         shared_base.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(out / "answers" / "base.jsonl", shared_base)
         base = next(r for r in records if r["method"] == "base")

@@ -43,9 +43,11 @@ def evaluate(work: Path, method: str, n: str, spec: str, setting: dict, test_con
     """`saealign eval attributes` of METHOD (`spec`) at N on the protocol's test prompts; returns its record."""
     out = work / "sweep" / f"{method}_n{n}"
     base = out / "answers" / "base.jsonl"
-    if not base.exists():
+    if not base.exists():  # the base answers and their perplexity cache are the test run's
         base.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(work / "test" / "answers" / "base.jsonl", base)
+        for name in ("base.jsonl", "base.nll.json"):
+            if (work / "test" / "answers" / name).exists():
+                shutil.copy(work / "test" / "answers" / name, base.parent / name)
     c = test_config
     cmd = [sys.executable, "-m", "saealign", "eval", "attributes", "--data", c["data"], "--scorer", c["scorer"]["name"],
            "--n", str(c["n"]), "--max-new-tokens", str(c["max_new_tokens"]), "--batch-size", str(c["batch_size"]),

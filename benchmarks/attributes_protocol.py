@@ -64,7 +64,11 @@ FULL = {"fit_prompts": 1000, "k": 4, "k_harmful": 10, "tokens": 48, "val_triple_
 # One steering mode per attribute halves the validation grid: a refusal has to be added (`both` augments the
 # latents of the chosen side), repetition removed (`ablate` the latents of the rejected side). The conditional
 # attribute's grid was cut further (two alphas, one RepE coefficient) to fit the measured run into one session.
-FULL_BY_ATTRIBUTE = {"refusal": {"tokens": 32, "modes": ["ablate"]},
+# Refusal on benign prompts: a refusal is sampled in ~4 % of answers, so K = 16 and 2,100 prompts give ~550
+# triples (session 9's run: 553 from a 1,000-prompt H100 part and a 1,100-prompt CPU part, merged).
+FULL_BY_ATTRIBUTE = {"refusal": {"tokens": 32, "k": 16, "fit_prompts": 2100, "val_triple_prompts": 350,
+                                 "modes": ["ablate", "both"], "alphas": [0.5, 1.0], "coefs": [1.0, 4.0],
+                                 "snapshots": [100, 250, 500]},
                      "conditional": {"tokens": 32, "modes": ["both"], "alphas": [0.2, 0.5], "coefs": [4.0]},
                      "repetition": {"modes": ["ablate"]}}
 # On a GPU the compute note above no longer binds: the conditional map also gets benign-prompt triples (chosen: an

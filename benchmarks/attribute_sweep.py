@@ -64,7 +64,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="attributes_protocol.py's OUTPUT/ATTRIBUTE directory")
     ap.add_argument("--ns", nargs="+", default=["100", "250", "500", "full"])
     ap.add_argument("--methods", nargs="+", default=list(STEERED), choices=[*STEERED, *TRAINED])
-    ap.add_argument("--max-length", type=int, default=256, help="the trained methods' cap on prompt + answer tokens")
+    ap.add_argument("--max-length", type=int, default=384, help="the trained methods' cap on prompt + answer tokens "
+                    "(the HH sweep's; prompts run to 200 words, and 256 left no room for an answer at N = 250)")
     ap.add_argument("--output", type=Path, help="default: benchmarks/results/restricted_sweep_<attribute>.json")
     args = ap.parse_args()
     attribute = args.work.name
@@ -98,6 +99,8 @@ def main() -> None:
                 record = evaluate(args.work, method, n, f"model:{trained}", setting, test_config)
                 summary = read_json(trained / "train_summary.json")
                 triples, cost = summary["n_pairs"] if method == "dpo" else summary["n_triples"], summary["cost"]
+            if method in TRAINED:
+                setting = {"max_length": read_json(trained / "training_config.json").get("max_length")}
             runs[key] = {"method": method, "n": n, "triples": triples, "setting": setting,
                          "value": record["metrics"][headline], "delta": record["deltas"][headline],
                          "perplexity": record["metrics"]["perplexity"]["value"], "cost": cost,
@@ -124,8 +127,8 @@ def _rows(result: dict):
 def table(result: dict) -> str:
     h = result["headline"]
     lines = [f"Paired change of `{h}` against base on {result['test_n']} test prompts ({', '.join(result['test_sources'])}; "
-             "95 % bootstrap CI), settings chosen on validation at the full pool and held fixed; the map's counted "
-             "alignment-stage cost.", "",
+             "95 % bootstrap CI), settings chosen on validation at the full pool and held fixed; the counted "
+             "alignment-stage cost (the map's fit; DPO: its reference cache and training).", "",
              f"| method | N | Δ {h} [95% CI] | perplexity | FLOPs | wall s |", "|---|---|---|---|---|---|"]
     for r in _rows(result):
         d = r["delta"]

@@ -260,10 +260,11 @@ def build_best_of_k(cfg: BestOfKConfig, model=None, tokenizer=None, progress: bo
         batch = batches[b]
         ks = [k_of.get(p.kind, cfg.k) for p in batch]
         answers_of: dict[int, list[str]] = {}
+        mixed = len(set(ks)) > 1
         for k in sorted(set(ks)):
             group = [i for i, ki in enumerate(ks) if ki == k]
             texts = generate_chat(model, tokenizer, [batch[i].conversation for i in group], sampling,
-                                  seed=batch_seed(cfg.seed, b, None if len(set(ks)) == 1 else k),
+                                  seed=batch_seed(cfg.seed, b, k if mixed else None),
                                   batch_size=cfg.batch_size, progress=False, num_samples=k)
             answers_of.update({i: texts[j * k:(j + 1) * k] for j, i in enumerate(group)})
         triples, samples = [], []

@@ -30,7 +30,7 @@ from transformers.generation.logits_process import TopPLogitsWarper
 from saealign.data import with_system_prompt
 from saealign.hooks import CallContext, attach
 from saealign.models import pad_token_id
-from saealign.runtime.inputs import left_pad, max_positions, model_device
+from saealign.runtime.inputs import left_pad, mask_positions, max_positions, model_device
 from saealign.steering import Intervention, RowEdit, RowSteering, apply_intervention, system_prompt_of
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def generate(model, tokenizer, prompts: Sequence[str], sampling: Sampling = Samp
 def _prompt_cache(model, input_ids: torch.Tensor, mask: torch.Tensor, repeats: int) -> DynamicCache:
     """The KV cache of left-padded prompt tokens, computed once and repeated `repeats` times per row."""
     cache = DynamicCache(config=model.config)
-    model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+    model(input_ids=input_ids, attention_mask=mask, position_ids=mask_positions(mask), use_cache=True,
           logits_to_keep=1, **{cache_keyword(model): cache})
     cache.batch_repeat_interleave(repeats)
     return cache
@@ -226,7 +226,7 @@ def next_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: in
     rows = []
     for start in range(0, len(encoded), batch_size):
         input_ids, mask = left_pad(encoded[start:start + batch_size], pad_id, device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = mask_positions(mask)
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
         rows.append(torch.log_softmax(logits[:, -1].float(), dim=-1).cpu())
     return torch.cat(rows) if rows else torch.empty(0)
@@ -424,7 +424,7 @@ class BatchEngine:
         read = {r.steering.in_layer for r in rows if r.steering is not None and r.steering.in_layer is not None}
         captured: dict[int, torch.Tensor] = {}
         with _hooks(self.model, {layer: partial(_capture, captured, layer) for layer in read}):
-            logits = self._forward(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            logits = self._forward(input_ids=input_ids, attention_mask=mask, position_ids=mask_positions(mask),
                                    **{self._cache_kw: cache})
         states = self._row_states(rows, input_ids, mask, captured)
         self.stats["prefills"] += 1

@@ -25,3 +25,9 @@ def left_pad(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple
             input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
             mask[row, width - len(ids):] = 1
     return input_ids.to(device), mask.to(device)
+
+
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that follow the attention mask: a left-padded row's first real token is position 0, so the
+    row scores and continues exactly as it would alone (padding positions are clamped to 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)

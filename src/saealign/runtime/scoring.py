@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from saealign._io import cache_dir, save_tensors
 from saealign.data import collate_pairs, length_batches, render_triples, triples_fingerprint
 from saealign.models import cache_argument, model_id, pad_token_id, returned_cache, takes_logit_mask
-from saealign.runtime.inputs import left_pad, max_positions, model_device
+from saealign.runtime.inputs import left_pad, mask_positions, max_positions, model_device
 from saealign.steering import Intervention, apply_intervention, system_prompt_of
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def _score_batch(model, groups: list[_Group], pad_id: int, split_last: bool, per
     prefill = [heads[g] for g, _, _ in rows] if per_row else heads
 
     ids, mask = left_pad(prefill, pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = mask_positions(mask)
     extra = {"logits_to_keep": 1} if keep_last else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=second_call, **extra)
     totals = [0.0] * len(rows)

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from restricted_sweep import TRAINED, train
+from restricted_sweep import TRAINED, _as_number, keep_other_runs, plot_sweep, train
 from saealign._io import read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,19 +105,14 @@ def main() -> None:
                          "value": record["metrics"][headline], "delta": record["deltas"][headline],
                          "perplexity": record["metrics"]["perplexity"]["value"], "cost": cost,
                          "eval_seconds": round(time.time() - started, 1)}
-            if output.exists():  # another sweep process (other methods) may have written since: keep its runs
-                runs.update({k: v for k, v in read_json(output)["runs"].items() if k not in runs})
+            keep_other_runs(runs, output)
             write_json(output, result)
             d = runs[key]["delta"]
             print(f"{key}: Δ {headline} {d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]", flush=True)
-    if output.exists():
-        runs.update({k: v for k, v in read_json(output)["runs"].items() if k not in runs})
+    keep_other_runs(runs, output)
     output.with_suffix(".md").write_text(table(result))
-    plot(result, output.with_suffix(".png"))
-
-
-def _as_number(n: str) -> float:
-    return float("inf") if n == "full" else float(n)
+    plot_sweep(_rows(result), "delta", f"Δ {headline} vs base (95% CI)", 0.0,
+               f"Restricted-data sweep, attribute {attribute}, {result['test_n']} test prompts", output.with_suffix(".png"))
 
 
 def _rows(result: dict):
@@ -136,32 +131,6 @@ def table(result: dict) -> str:
                      f"{d['ci95'][1]:+.3f}] | {r['perplexity']:.3f} | {r['cost']['flops']['total']:.3g} | "
                      f"{r['cost']['wall_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
-
-
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    h = result["headline"]
-    fig, (by_n, by_flops) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for k, method in enumerate(dict.fromkeys(r["method"] for r in _rows(result))):
-        rows = [r for r in _rows(result) if r["method"] == method]
-        ns = [r["triples"] * 1.04 ** k for r in rows]  # nudged apart: methods share the N values
-        d = [r["delta"]["value"] for r in rows]
-        err = [[v - r["delta"]["ci95"][0] for v, r in zip(d, rows)], [r["delta"]["ci95"][1] - v for v, r in zip(d, rows)]]
-        by_n.errorbar(ns, d, yerr=err, marker="o", capsize=3, label=method)
-        by_flops.errorbar([r["cost"]["flops"]["total"] for r in rows], d, yerr=err, marker="o", capsize=3, label=method)
-    for ax, label in ((by_n, "N (fit triples; methods nudged apart)"), (by_flops, "alignment-stage FLOPs (counted)")):
-        ax.set_xscale("log")
-        ax.axhline(0, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel(label)
-        ax.set_ylabel(f"Δ {h} vs base (95% CI)")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Restricted-data sweep, {result['benchmark'].split(', ')[-1]}, {result['test_n']} test prompts")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

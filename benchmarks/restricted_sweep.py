@@ -104,8 +104,7 @@ def main() -> None:
         metrics = preference_metrics(scores, base)
         runs[key] = {"method": method, "n": n, "triples": triples, "metrics": {k: v.to_json() for k, v in metrics.items()},
                      "cost": cost, "eval_seconds": round(time.time() - started, 1), "device": device}
-        if args.output.exists():  # another sweep process (other methods) may have written since: keep its runs
-            runs.update({k: v for k, v in read_json(args.output)["runs"].items() if k not in runs})
+        keep_other_runs(runs, args.output)
         write_json(args.output, result)
         acc = metrics["reward_acc"]
         print(f"{key}: reward acc {100 * acc.value:.1f} [{100 * acc.ci95[0]:.1f}, {100 * acc.ci95[1]:.1f}], "
@@ -135,7 +134,8 @@ def main() -> None:
             summary = read_json(out / "train_summary.json")
             trained_on = summary["n_pairs"] if method == "dpo" else summary["n_triples"]
             record(f"{method}@{n}", method, n, trained_on, scores, summary["cost"], started)
-    plot(result, args.output.with_suffix(".png"))
+    plot_sweep(list(runs.values()), "metrics/reward_acc", "reward accuracy vs base, % (95% CI)", 50,
+               f"Restricted-data sweep, {result['test_n']} helpful-test triples", args.output.with_suffix(".png"), 100)
     args.output.with_suffix(".md").write_text(table(result))
 
 
@@ -157,29 +157,42 @@ def _as_number(n: str) -> float:
     return float("inf") if n == "full" else float(n)
 
 
-def plot(result: dict, path: Path) -> None:
+def keep_other_runs(runs: dict, path: Path) -> None:
+    """Add to `runs` the runs another sweep process (other methods) wrote to `path` since this one read it."""
+    if path.exists():
+        runs.update({k: v for k, v in read_json(path)["runs"].items() if k not in runs})
+
+
+def plot_sweep(runs: list[dict], estimate: str, ylabel: str, reference: float, title: str, path: Path,
+               scale: float = 1.0) -> None:
+    """Two panels, `estimate` (a run's {value, ci95}, found by key path "a/b", times `scale`) against N and
+    against the counted alignment-stage FLOPs, one line per method, with a dashed reference level."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def est(run: dict) -> dict:
+        for key in estimate.split("/"):
+            run = run[key]
+        return {"value": scale * run["value"], "ci95": [scale * c for c in run["ci95"]]}
+
     fig, (by_n, by_flops) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for k, method in enumerate(dict.fromkeys(r["method"] for r in result["runs"].values())):
-        rows = sorted((r for r in result["runs"].values() if r["method"] == method), key=lambda r: _as_number(r["n"]))
+    for k, method in enumerate(dict.fromkeys(r["method"] for r in runs)):
+        rows = sorted((r for r in runs if r["method"] == method), key=lambda r: _as_number(r["n"]))
         ns = [r["triples"] * 1.04 ** k for r in rows]  # nudged apart: methods share the N values
-        acc = [100 * r["metrics"]["reward_acc"]["value"] for r in rows]
-        err = [[a - 100 * r["metrics"]["reward_acc"]["ci95"][0] for a, r in zip(acc, rows)],
-               [100 * r["metrics"]["reward_acc"]["ci95"][1] - a for a, r in zip(acc, rows)]]
+        values = [est(r)["value"] for r in rows]
+        err = [[v - est(r)["ci95"][0] for v, r in zip(values, rows)], [est(r)["ci95"][1] - v for v, r in zip(values, rows)]]
         flops = [r["cost"]["flops"]["total"] for r in rows]
-        by_n.errorbar(ns, acc, yerr=err, marker="o", capsize=3, label=method)
-        by_flops.errorbar(flops, acc, yerr=err, marker="o", capsize=3, label=method)
-    for ax, label in ((by_n, "N (fit-pool triples; methods nudged apart)"), (by_flops, "alignment-stage FLOPs (counted)")):
+        by_n.errorbar(ns, values, yerr=err, marker="o", capsize=3, label=method)
+        by_flops.errorbar(flops, values, yerr=err, marker="o", capsize=3, label=method)
+    for ax, label in ((by_n, "N (fit triples; methods nudged apart)"), (by_flops, "alignment-stage FLOPs (counted)")):
         ax.set_xscale("log")
-        ax.axhline(50, color="grey", lw=0.8, ls="--")
+        ax.axhline(reference, color="grey", lw=0.8, ls="--")
         ax.set_xlabel(label)
-        ax.set_ylabel("reward accuracy vs base, % (95% CI)")
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Restricted-data sweep, {result['test_n']} helpful-test triples")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

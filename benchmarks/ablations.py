@@ -2,29 +2,31 @@
 choice made on validation, each arm reported once on test.
 
 Two measures, every map fitted twice (same SAEs, same steering):
-- the prompt-conditional attribute ("refuse iff harmful", `attributes_protocol.py`): a map on its best-of-K fit
-  triples; balanced accuracy of the greedy answers, paired against base (`saealign eval attributes`), and the
-  map's held-out signal on its validation triples (`saealign eval map-signal`);
+- one attribute of `attributes_protocol.py` (--attribute): `refusal` (fewer refusals on benign prompts, the one
+  DSPA measurably moves) or `conditional` ("refuse iff harmful"). A map on its best-of-K fit triples; the
+  attribute's headline from greedy answers, paired against base (`saealign eval attributes`), and the map's held-out
+  signal on its validation triples (`saealign eval map-signal`);
 - the judge-free HH-RLHF protocol: a map on a seeded draw of N fit-pool triples; reward accuracy against base.
 
 Stages (each written to OUTPUT/ablations.json as it ends; a rerun resumes: maps, answers and finished stages are
 kept):
 1. layer grid: every pair l_in < l_out of the suite's layers, generic SAEs of the base width, one fixed steering
-   setting (GRID_STEERING). Every pair's maps and held-out map signal come from shared forward passes (`run_fits`,
+   setting per attribute (GRID_STEERING). Every pair's maps and held-out map signal come from shared forward passes (`run_fits`,
    `held_out_features`: the 21 pairs of 7 layers cost about one fit at the deepest pair). The outcome measures
    (greedy answers, HH scoring: a pass per pair) run on every pair with --full-grid, or by a coordinate search
    (the default, for CPU): l_in over the pairs ending at --anchor-out (24, the shipped output layer), then l_out
-   from the best l_in. The pair is chosen by the conditional attribute's validation gain (the HH measure's own
-   best pair and the largest map signal are reported beside it);
+   from the best l_in. The pair is chosen by the attribute's validation gain among pairs whose perplexity stays
+   within the protocol's guard (the HH measure's own best pair and the largest map signal are reported beside it);
 2. at that pair, one choice changed per arm: preference-domain SAEs (the suite's fine-tuned variant), the wide
-   SAEs, mode ablate / augment (the grid uses both), stat mean (the grid uses density); the shipped SAEs (9, 24)
+   SAEs, the two modes the grid does not use, stat mean (the grid uses density); the shipped SAEs (9, 24)
    as today's default; each arm on validation;
-3. every arm once on test (conditional: test-role prompts of both kinds; HH: the helpful-test sample of the
+3. every arm once on test (the attribute's test-role prompts; HH: the helpful-test sample of the
    restricted sweep), with paired differences to the reference arm (the chosen pair as in the grid).
 Plots: OUTPUT/ablation_layer_grid.png (heat maps of the grid), OUTPUT/ablations.md (tables).
 
-    python benchmarks/ablations.py --suite runs/sae_suite --triples runs/attributes/conditional/triples_fit/triples.jsonl \
-        --val-triples runs/attributes/conditional/triples_validation/triples.jsonl --output runs/ablations
+    python benchmarks/ablations.py --attribute refusal --suite runs/sae_suite \
+        --triples runs/attributes/refusal/triples_fit/triples.jsonl \
+        --val-triples runs/attributes/refusal/triples_validation/triples.jsonl --output runs/ablations
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ import dataclasses
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from attributes_pairwise import per_prompt
+from attributes_protocol import ATTRIBUTES, HELD_OUT_EXCLUDES, PPL_GUARD
 from saealign._io import read_json, write_json
 from saealign.data import sample, select_triples
 from saealign.dspa.fitting import DSPAFitConfig, run_fits
@@ -56,13 +59,12 @@ from saealign.stats import paired_difference
 from saealign.steering import LatentSteering, load_method
 
 ROOT = Path(__file__).resolve().parents[1]
-SCORER = "refuse_iff_harmful"
-VALIDATION = ["harmful=harmless_validation", "benign=validation"]
-TEST = ["harmful=test_harmless", "benign=test_helpful"]
-HELD_OUT_EXCLUDES = ["harmful=harmless_fit", "benign=fit"]  # as attributes_protocol.py: held-out means unseen
-# One setting for the whole grid: `both` (a refusal has to be added, attributes_protocol.py), alpha 0.5 (the middle
-# of its grid), the paper's k_prompt/k_diff, no threshold (tau is in each map's own units).
-GRID_STEERING = LatentSteering(mode="both", alpha=0.5, k_prompt=32, k_diff=16, threshold=0.0)
+MODES = ("ablate", "augment", "both")
+# One setting for the whole grid per attribute, the paper's k_prompt/k_diff, no threshold (tau is in each map's own
+# units). Conditional: `both` (a refusal has to be added, attributes_protocol.py), alpha 0.5 (the middle of its
+# grid). Refusal on benign prompts: the protocol's validation choice at the shipped pair (ablate, alpha 1.0).
+GRID_STEERING = {"conditional": LatentSteering(mode="both", alpha=0.5, k_prompt=32, k_diff=16, threshold=0.0),
+                 "refusal": LatentSteering(mode="ablate", alpha=1.0, k_prompt=32, k_diff=16, threshold=0.0)}
 # The centred arm (`--center`) scores with every input latent's deviation from the mean prompt: on the conditional
 # map's held-out triples, agreement rose with k_prompt up to all of them (README, "the centred map").
 CENTRED_K_PROMPT = 1 << 20
@@ -75,8 +77,8 @@ class Arm:
     name: str
     sae_in: str
     sae_out: str
+    steering: LatentSteering
     stat: str = "density"
-    steering: LatentSteering = field(default_factory=lambda: GRID_STEERING)
 
     @property
     def fit_key(self) -> str:  # arms that differ only in steering share the fit
@@ -100,6 +102,10 @@ class Ablations:
         self.args, self.out = args, args.output
         self.result_path = self.out / "ablations.json"
         self.result = read_json(self.result_path) if self.result_path.exists() else {}
+        self.attribute = args.attribute
+        self.scorer, _, self.validation_sources, self.test_sources, self.headline, self.direction, _ = \
+            ATTRIBUTES[args.attribute]
+        self.steering = GRID_STEERING[args.attribute]
         self.model, self.tok = load_model(DEFAULT_MODEL, dtype="float32")
         self.hh_fit = dict(data=str(args.data), data_role="fit", n=args.hh_n, seed=0, max_length=args.hh_max_length)
         self.hh_validation = sample(select_triples(str(args.data), "validation"), args.hh_eval_n, 0)
@@ -110,8 +116,10 @@ class Ablations:
 
     def save(self) -> None:
         self.result.update({"benchmark": "DSPA ablations", "model": DEFAULT_MODEL, "suite": str(self.args.suite),
+                            "attribute": self.attribute, "scorer": self.scorer, "headline": self.headline,
+                            "direction": self.direction, "perplexity_guard": PPL_GUARD,
                             "triples": str(self.args.triples), "val_triples": str(self.args.val_triples),
-                            "grid_steering": dataclasses.asdict(GRID_STEERING), "hh_fit_n": self.args.hh_n,
+                            "grid_steering": dataclasses.asdict(self.steering), "hh_fit_n": self.args.hh_n,
                             "hh_eval_n": self.args.hh_eval_n, "attribute_n": {"validation": self.args.val_n,
                                                                               "test": self.args.test_n},
                             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
@@ -122,10 +130,10 @@ class Ablations:
         return self.out / "maps" / measure / arm.fit_key
 
     def fit(self, arms: list[Arm], measure: str) -> None:
-        """Fit the maps the arms lack for `measure` (conditional | hh); arms with the same prompt statistic share
+        """Fit the maps the arms lack for `measure` (the attribute | hh); arms with the same prompt statistic share
         their forward passes (`run_fits`), so the whole layer grid costs about one fit at its deepest pair."""
-        data = (dict(data=str(self.args.triples), max_length=self.args.attr_max_length) if measure == "conditional"
-                else self.hh_fit)
+        data = (self.hh_fit if measure == "hh"
+                else dict(data=str(self.args.triples), max_length=self.args.attr_max_length))
         todo = {arm.fit_key: arm for arm in arms if not (self.fitted(arm, measure) / "config.json").exists()}
         for stat in sorted({arm.stat for arm in todo.values()}):
             group = [arm for arm in todo.values() if arm.stat == stat]
@@ -150,29 +158,30 @@ class Ablations:
         return steered
 
     # measures -----------------------------------------------------------------------------------------------
-    def conditional(self, arms: list[Arm], split: str) -> dict[str, dict]:
-        """Balanced accuracy of every arm's answers on `split` prompts, paired against base, in one eval run."""
-        sources, n = (VALIDATION, self.args.val_n) if split == "validation" else (TEST, self.args.test_n)
-        run = self.out / f"conditional_{split}"
-        methods = ["base", *(f"{a.name}=dspa:{self.map_for(a, 'conditional')}" for a in arms)]
+    def attribute_eval(self, arms: list[Arm], split: str) -> dict[str, dict]:
+        """The attribute's metrics of every arm's answers on `split` prompts, paired against base, in one eval run."""
+        sources, n = ((self.validation_sources, self.args.val_n) if split == "validation"
+                      else (self.test_sources, self.args.test_n))
+        run = self.out / f"{self.attribute}_{split}"
+        methods = ["base", *(f"{a.name}=dspa:{self.map_for(a, self.attribute)}" for a in arms)]
         t = time.time()
         records = run_attribute_eval(AttributeEvalConfig(
-            output=str(run), scorer=SCORER, sources=sources, data=str(self.args.data), n=n, exclude=HELD_OUT_EXCLUDES,
-            methods=methods, max_new_tokens=self.args.tokens, batch_size=self.args.batch),
-            self.model, self.tok, progress=False)
-        print(f"  conditional {split}: {len(arms)} arms + base in {time.time() - t:.0f} s", flush=True)
+            output=str(run), scorer=self.scorer, sources=sources, data=str(self.args.data), n=n,
+            exclude=HELD_OUT_EXCLUDES.get(self.attribute, []), methods=methods, max_new_tokens=self.args.tokens,
+            batch_size=self.args.batch), self.model, self.tok, progress=False)
+        print(f"  {self.attribute} {split}: {len(arms)} arms + base in {time.time() - t:.0f} s", flush=True)
         return {r.method: {"metrics": {k: v.to_json() for k, v in r.metrics.items()},
                            "deltas": {k: v.to_json() for k, v in r.deltas.items()}} for r in records}
 
     def signals(self, arms: list[Arm]) -> dict[str, dict]:
-        """Held-out signal of each arm's conditional map on the validation triples (`eval map-signal`'s numbers).
+        """Held-out signal of each arm's attribute map on the validation triples (`eval map-signal`'s numbers).
         g and Δρ come from one set of passes per prompt statistic for every SAE the arms use, and a map's
         signal does not depend on the steering mode, so it is computed once per fitted map."""
         todo = [arm for arm in arms if arm.signal_key not in self.signals_by_fit]
-        self.fit(todo, "conditional")
+        self.fit(todo, self.attribute)
         for stat in sorted({arm.stat for arm in todo}):
             group = {arm.signal_key: arm for arm in todo if arm.stat == stat}
-            maps = {key: DSPAMap.load(self.fitted(arm, "conditional")) for key, arm in group.items()}  # small: 5M floats
+            maps = {key: DSPAMap.load(self.fitted(arm, self.attribute)) for key, arm in group.items()}  # small: 5M floats
             ins = list(dict.fromkeys(arm.sae_in for arm in group.values()))
             outs = list(dict.fromkeys(arm.sae_out for arm in group.values()))
             options = dataclasses.replace(next(iter(maps.values())).meta.options, batch_size=self.args.fit_batch)
@@ -202,12 +211,12 @@ class Ablations:
         measures (generation and HH scoring, the costly part) on every pair with --full-grid, else by a
         coordinate search: l_in over the pairs ending at --anchor-out, then l_out from the best l_in."""
         layers, width, suite = self.args.layers, self.args.width, self.args.suite
-        arms = {f"{i}_{o}": Arm(f"L{i}_L{o}", sae_dir(suite, "generic", i, width), sae_dir(suite, "generic", o, width))
-                for i in layers for o in layers if i < o}
+        arms = {f"{i}_{o}": Arm(f"L{i}_L{o}", sae_dir(suite, "generic", i, width), sae_dir(suite, "generic", o, width),
+                                self.steering) for i in layers for o in layers if i < o}
         stage = self.result.setdefault("grid", {})
         for key, arm in arms.items():
             stage.setdefault(key, {"l_in": arm.sae_in, "l_out": arm.sae_out})
-        self.fit(list(arms.values()), "conditional")
+        self.fit(list(arms.values()), self.attribute)
         self.fit(list(arms.values()), "hh")
         unsignalled = {key: arm for key, arm in arms.items() if "map_signal" not in stage[key]}
         signals = self.signals(list(unsignalled.values()))
@@ -231,15 +240,20 @@ class Ablations:
                                  "anchor_out": None if self.args.full_grid else self.args.anchor_out, "rounds": rounds}
         hh_best = max(evaluated, key=lambda k: stage[k]["hh_validation"]["reward_acc"]["value"])
         signal_best = max(stage, key=lambda k: stage[k]["map_signal"]["alignment"]["value"])
-        self.result["chosen_pair"] = {"conditional": self.best(evaluated), "hh": hh_best, "map_signal": signal_best,
-                                      "rule": "largest validation gain in balanced accuracy (ties: map-signal alignment)"}
+        self.result["chosen_pair"] = {"attribute": self.best(evaluated), "hh": hh_best, "map_signal": signal_best,
+                                      "rule": f"largest validation gain in {self.headline} among pairs with perplexity "
+                                              f"<= {PPL_GUARD} x base (ties: map-signal alignment)"}
         self.save()
-        i, o = map(int, self.result["chosen_pair"]["conditional"].split("_"))
+        i, o = map(int, self.result["chosen_pair"]["attribute"].split("_"))
         return i, o
 
     def best(self, keys: list[str]) -> str:
-        stage = self.result["grid"]
-        return max(keys, key=lambda k: (stage[k]["conditional_validation"]["deltas"]["balanced_accuracy"]["value"],
+        """The pair with the largest validation gain in the headline (its direction applied) among those within
+        the perplexity guard (all of them if none is), ties to the larger map-signal alignment."""
+        stage, measure = self.result["grid"], f"{self.attribute}_validation"
+        guard = PPL_GUARD * self.result["grid_base"]["metrics"]["perplexity"]["value"]
+        kept = [k for k in keys if stage[k][measure]["metrics"]["perplexity"]["value"] <= guard] or keys
+        return max(kept, key=lambda k: (self.direction * stage[k][measure]["deltas"][self.headline]["value"],
                                         stage[k]["map_signal"]["alignment"]["value"]))
 
     def evaluate(self, keys: list[str], arms: dict[str, Arm]) -> None:
@@ -248,12 +262,13 @@ class Ablations:
         todo = [k for k in keys if "hh_validation" not in stage[k]]
         if not todo:
             return
-        cond = self.conditional([arms[k] for k in todo], "validation")
+        measured = self.attribute_eval([arms[k] for k in todo], "validation")
+        self.result["grid_base"] = measured["base"]  # the same prompts and greedy answers in every round
         for key in todo:
-            stage[key]["conditional_validation"] = cond[arms[key].name]
+            stage[key][f"{self.attribute}_validation"] = measured[arms[key].name]
             t = time.time()
             stage[key]["hh_validation"] = self.hh(arms[key], "validation")
-            print(f"  {key}: Δ balanced acc. {cond[arms[key].name]['deltas']['balanced_accuracy']['value']:+.3f}, "
+            print(f"  {key}: Δ {self.headline} {measured[arms[key].name]['deltas'][self.headline]['value']:+.3f}, "
                   f"hh reward acc {stage[key]['hh_validation']['reward_acc']['value']:.3f} ({time.time() - t:.0f} s)",
                   flush=True)
             self.save()
@@ -261,24 +276,25 @@ class Ablations:
     def arms_at(self, i: int, o: int) -> list[Arm]:
         """At the chosen pair: the reference, the SAE-type and width arms, the steering arms, the shipped pair."""
         s, w = self.args.suite, self.args.width
-        ref, *steering = self.steering_arms(Arm("reference", sae_dir(s, "generic", i, w), sae_dir(s, "generic", o, w)))
+        ref, *steering = self.steering_arms(Arm("reference", sae_dir(s, "generic", i, w), sae_dir(s, "generic", o, w),
+                                                self.steering))
         preference = dataclasses.replace(ref, name="preference_sae", sae_in=sae_dir(s, "preference", i, w),
                                          sae_out=sae_dir(s, "preference", o, w))
-        return [ref, preference, *self.wide_arm(i, o), *steering, Arm("shipped_9_24", "default:in", "default:out")]
+        return [ref, preference, *self.wide_arm(i, o), *steering,
+                Arm("shipped_9_24", "default:in", "default:out", self.steering)]
 
-    @staticmethod
-    def steering_arms(ref: Arm) -> list[Arm]:
-        """The reference and the arms that change only how its SAEs are used: mode, prompt statistic, centring."""
-        return [ref,
-                dataclasses.replace(ref, name="mode_ablate", steering=dataclasses.replace(GRID_STEERING, mode="ablate")),
-                dataclasses.replace(ref, name="mode_augment", steering=dataclasses.replace(GRID_STEERING, mode="augment")),
-                dataclasses.replace(ref, name="stat_mean", stat="mean"),
-                dataclasses.replace(ref, name="centred", steering=dataclasses.replace(GRID_STEERING, center=True,
+    def steering_arms(self, ref: Arm) -> list[Arm]:
+        """The reference and the arms that change only how its SAEs are used: mode (the two the grid does not
+        use), prompt statistic, centring."""
+        modes = [dataclasses.replace(ref, name=f"mode_{mode}", steering=dataclasses.replace(self.steering, mode=mode))
+                 for mode in MODES if mode != self.steering.mode]
+        return [ref, *modes, dataclasses.replace(ref, name="stat_mean", stat="mean"),
+                dataclasses.replace(ref, name="centred", steering=dataclasses.replace(self.steering, center=True,
                                                                                       k_prompt=CENTRED_K_PROMPT))]
 
     def wide_arm(self, i: int, o: int) -> list[Arm]:
-        s, ww = self.args.suite, self.args.wide_width
-        wide = Arm("wide_sae", sae_dir(s, "generic", i, ww), sae_dir(s, "generic", o, ww))
+        s, ww = self.args.wide_suite or self.args.suite, self.args.wide_width
+        wide = Arm("wide_sae", sae_dir(s, "generic", i, ww), sae_dir(s, "generic", o, ww), self.steering)
         if (Path(wide.sae_in) / "cfg.json").exists() and (Path(wide.sae_out) / "cfg.json").exists():
             return [wide]
         print(f"  no wide SAEs at layers {i} and {o} in the suite: width arm skipped", flush=True)
@@ -286,18 +302,18 @@ class Ablations:
 
     def arms(self, arms: list[Arm], split: str) -> None:
         stage = self.result.setdefault(f"arms_{split}", {})
-        measures = ["conditional"] + ([] if self.args.skip_hh else [f"hh_{split}"])
+        measures = [self.attribute] + ([] if self.args.skip_hh else [f"hh_{split}"])
         if all(m in stage.get(a.name, {}) for a in arms for m in measures):
             return
-        for measure in ("conditional", *([] if self.args.skip_hh else ["hh"])):
+        for measure in (self.attribute, *([] if self.args.skip_hh else ["hh"])):
             self.fit(arms, measure)  # the arms' SAE pairs from shared passes
-        cond = self.conditional(arms, split)
+        measured = self.attribute_eval(arms, split)
         signals = self.signals(arms) if split == "validation" else {}
-        stage["base"] = {"conditional": cond["base"]}
+        stage["base"] = {self.attribute: measured["base"]}
         for arm in arms:
             row = stage.setdefault(arm.name, {"sae_in": arm.sae_in, "sae_out": arm.sae_out, "stat": arm.stat,
                                               "steering": dataclasses.asdict(arm.steering)})
-            row["conditional"] = cond[arm.name]
+            row[self.attribute] = measured[arm.name]
             if split == "validation":
                 row["map_signal"] = signals[arm.name]
             if not self.args.skip_hh:
@@ -308,15 +324,15 @@ class Ablations:
             self.save()
 
     def paired(self, arms: list[Arm]) -> dict[str, dict]:
-        """Each arm minus the reference on the test prompts (balanced accuracy) and test triples (reward accuracy)."""
-        scorer = get_scorer(SCORER)
-        run = self.out / "conditional_test"
+        """Each arm minus the reference on the test prompts (the headline) and test triples (reward accuracy)."""
+        scorer = get_scorer(self.scorer)
+        run = self.out / f"{self.attribute}_test"
         ids_ref, ref = per_prompt(run, "reference", scorer)
         out = {}
         for arm in arms[1:]:
             ids, scores = per_prompt(run, arm.name, scorer)
             assert ids == ids_ref, f"{arm.name} answered other prompts than the reference"
-            out[arm.name] = {"balanced_accuracy": paired_difference(scores, ref, 2000, 0).to_json()}
+            out[arm.name] = {self.headline: paired_difference(scores, ref, 2000, 0).to_json()}
             if not self.args.skip_hh:
                 out[arm.name]["reward_acc"] = paired_difference(self._hh_hits(arm), self._hh_hits(arms[0]), 2000,
                                                                 0).to_json()
@@ -330,16 +346,22 @@ class Ablations:
     def run(self) -> None:
         t0 = time.time()
         if self.args.suite is None:  # no suite: the mode and stat arms on the shipped pair (9, 24)
-            arms = self.steering_arms(Arm("reference", "default:in", "default:out"))
+            arms = self.steering_arms(Arm("reference", "default:in", "default:out", self.steering))
         else:
             i, o = self.grid()
             print(f"layer grid done ({time.time() - t0:.0f} s): chosen pair ({i}, {o}); "
                   f"HH's best {self.result['chosen_pair']['hh']}", flush=True)
+            if self.args.grid_only:
+                self.report()
+                return
             arms = self.arms_at(i, o)
         self.arms(arms, "validation")
         print(f"arms on validation done ({time.time() - t0:.0f} s)", flush=True)
         self.arms(arms, "test")
         print(f"arms on test done ({time.time() - t0:.0f} s)", flush=True)
+        self.report()
+
+    def report(self) -> None:
         if "grid" in self.result:
             plot_grid(self.result, self.args.layers, self.out / "ablation_layer_grid.png")
         (self.out / "ablations.md").write_text(markdown(self.result))
@@ -351,9 +373,10 @@ def plot_grid(result: dict, layers: list[int], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("Δ balanced accuracy vs base\n(conditional, validation)",
-               lambda r: r["conditional_validation"]["deltas"]["balanced_accuracy"]["value"]),
-              ("map-signal alignment\n(conditional, validation triples)", lambda r: r["map_signal"]["alignment"]["value"]),
+    attribute, headline = _measure(result)
+    panels = [(f"Δ {headline} vs base\n({attribute}, validation)",
+               lambda r: r[f"{attribute}_validation"]["deltas"][headline]["value"]),
+              (f"map-signal alignment\n({attribute}, validation triples)", lambda r: r["map_signal"]["alignment"]["value"]),
               ("reward accuracy vs base\n(HH-RLHF, validation)", lambda r: r["hh_validation"]["reward_acc"]["value"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4))
     for ax, (title, value) in zip(axes, panels):
@@ -381,6 +404,11 @@ def plot_grid(result: dict, layers: list[int], path: Path) -> None:
     plt.close(fig)
 
 
+def _measure(result: dict) -> tuple[str, str]:
+    """(attribute, headline) of a result; files written before --attribute existed are the conditional one."""
+    return result.get("attribute", "conditional"), result.get("headline", "balanced_accuracy")
+
+
 def _cell(estimate: dict, scale: float = 100.0) -> str:
     lo, hi = estimate["ci95"] or (estimate["value"], estimate["value"])
     return f"{scale * estimate['value']:+.1f} [{scale * lo:+.1f}, {scale * hi:+.1f}]"
@@ -392,49 +420,52 @@ def _level(estimate: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = ["# DSPA ablations", "", f"Steering of the grid and the arms: {result['grid_steering']}."]
+    attribute, headline = _measure(result)
+    lines = ["# DSPA ablations", "", f"Attribute: {attribute} (headline: {headline}). Steering of the grid and the "
+             f"arms: {result['grid_steering']}."]
     if "chosen_pair" in result:
-        search = result.get("search", {})
-        lines += [f"Chosen pair (conditional validation gain): {result['chosen_pair']['conditional']}; "
-                  f"HH validation's best: {result['chosen_pair']['hh']}; largest map signal: "
-                  f"{result['chosen_pair'].get('map_signal')}.",
+        search, chosen = result.get("search", {}), result["chosen_pair"]
+        lines += [f"Chosen pair ({chosen['rule']}): {chosen['attribute']}; HH validation's best: {chosen['hh']}; "
+                  f"largest map signal: {chosen['map_signal']}.",
                   f"Search: {search.get('mode')}" + (f" (first round l_out = {search['anchor_out']}, then l_out from the "
                                                      f"best l_in); pairs scored: {sum(map(len, search['rounds']))} of "
                                                      f"{len(result['grid'])}" if search.get("anchor_out") else "") + ".",
                   "", "## Layer grid (validation)", "",
-                  "| l_in_l_out | Δ balanced acc. (pp) | map-signal alignment [95 % CI] | HH reward acc. % |", "|---|---|---|---|"]
+                  f"| l_in_l_out | Δ {headline} (pp) | perplexity | map-signal alignment [95 % CI] | HH reward acc. % |",
+                  "|---|---|---|---|---|"]
+        if "grid_base" in result:
+            lines.insert(-3, f"Base on the validation prompts: {headline} "
+                             f"{_level(result['grid_base']['metrics'][headline])} %, perplexity "
+                             f"{result['grid_base']['metrics']['perplexity']['value']:.2f}.")
     else:
         lines.append("No SAE suite: the arms use the shipped SAEs (layers 9 and 24).")
     for key, row in sorted(result.get("grid", {}).items(), key=lambda kv: tuple(map(int, kv[0].split("_")))):
         if "map_signal" not in row:
             continue
-        scored = "hh_validation" in row  # else: not on the coordinate search's path
-        lines.append(f"| {key} | {_cell(row['conditional_validation']['deltas']['balanced_accuracy']) if scored else '—'} | "
-                     f"{_cell(row['map_signal']['alignment'], 1.0)} | "
-                     f"{_level(row['hh_validation']['reward_acc']) if scored else '—'} |")
+        measured = row.get(f"{attribute}_validation")  # None: not on the coordinate search's path
+        outcome = (f"{_cell(measured['deltas'][headline])} | {measured['metrics']['perplexity']['value']:.2f}"
+                   if measured else "— | —")
+        lines.append(f"| {key} | {outcome} | {_cell(row['map_signal']['alignment'], 1.0)} | "
+                     f"{_level(row['hh_validation']['reward_acc']) if 'hh_validation' in row else '—'} |")
     for split in ("validation", "test"):
         stage = result.get(f"arms_{split}")
         if not stage:
             continue
         lines += ["", f"## Arms ({split})", "",
-                  "| arm | balanced acc. % | Δ vs base (pp) | refused harmful % | answered benign % | perplexity | "
-                  "HH reward acc. % | Δ bal. acc. vs reference (pp) | Δ reward acc. vs reference (pp) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  f"| arm | {headline} % | Δ vs base (pp) | perplexity | HH reward acc. % | Δ {headline} vs reference (pp) | "
+                  "Δ reward acc. vs reference (pp) |", "|---|---|---|---|---|---|---|"]
         paired = result.get("paired_test", {}) if split == "test" else {}
         for name, row in stage.items():
             if name == "base":
                 continue
-            m, d = row["conditional"]["metrics"], row["conditional"]["deltas"]
+            m, d = row[attribute]["metrics"], row[attribute]["deltas"]
             p = paired.get(name)
-            lines.append(f"| {name} | {_level(m['balanced_accuracy'])} | {_cell(d['balanced_accuracy'])} | "
-                         f"{100 * m['refused_harmful']['value']:.1f} | {100 * m['answered_benign']['value']:.1f} | "
-                         f"{m['perplexity']['value']:.2f} | "
+            lines.append(f"| {name} | {_level(m[headline])} | {_cell(d[headline])} | {m['perplexity']['value']:.2f} | "
                          f"{_level(row[f'hh_{split}']['reward_acc']) if f'hh_{split}' in row else '—'} | "
-                         f"{_cell(p['balanced_accuracy']) if p else '—'} | "
+                         f"{_cell(p[headline]) if p else '—'} | "
                          f"{_cell(p['reward_acc']) if p and 'reward_acc' in p else '—'} |")
-        base = stage["base"]["conditional"]["metrics"]
-        lines.append(f"| base | {_level(base['balanced_accuracy'])} | | {100 * base['refused_harmful']['value']:.1f} | "
-                     f"{100 * base['answered_benign']['value']:.1f} | {base['perplexity']['value']:.2f} | | | |")
+        base = stage["base"][attribute]["metrics"]
+        lines.append(f"| base | {_level(base[headline])} | | {base['perplexity']['value']:.2f} | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -442,14 +473,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", type=Path, help="`saealign sae suite` output (without it: only the mode and stat arms, "
                     "on the shipped SAEs)")
-    ap.add_argument("--triples", type=Path, required=True, help="conditional attribute fit triples (best-of-K jsonl)")
-    ap.add_argument("--val-triples", type=Path, required=True, help="conditional attribute validation triples")
+    ap.add_argument("--attribute", choices=sorted(GRID_STEERING), default="refusal",
+                    help="the attribute measure (attributes_protocol.py): its scorer, prompt roles and headline")
+    ap.add_argument("--triples", type=Path, required=True, help="the attribute's fit triples (best-of-K jsonl)")
+    ap.add_argument("--val-triples", type=Path, required=True, help="the attribute's validation triples")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--output", type=Path, default=ROOT / "runs" / "ablations")
     ap.add_argument("--layers", type=int, nargs="+", default=[3, 6, 9, 12, 18, 24, 27])
     ap.add_argument("--width", type=int, default=2560)
     ap.add_argument("--wide-width", type=int, default=8192)
-    ap.add_argument("--val-n", type=int, default=100, help="validation prompts of each kind")
+    ap.add_argument("--wide-suite", type=Path, help="suite holding the wide SAEs (default: --suite); e.g. one trained "
+                    "after --grid-only at the chosen pair alone (`sae suite --layers I O --widths WIDE`)")
+    ap.add_argument("--grid-only", action="store_true", help="stop after the layer grid (its choice written); a rerun "
+                    "without it goes on to the arms")
+    ap.add_argument("--val-n", type=int, default=100, help="validation prompts (of each kind, where there are two)")
     ap.add_argument("--test-n", type=int, default=300, help="test prompts of each kind")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=64)

@@ -1,58 +1,89 @@
 #!/usr/bin/env bash
-# The GPU work of issues #11, #14 and #17 in one go, three jobs side by side on one GPU (the default model is small):
-#   1. restricted sweep: DPO and RAHF-SCIT at N = 250 ... full (fp32, as the CPU runs), scored on the helpful-test sample;
-#   2. conditional attribute protocol with benign triples (attributes_protocol.py --gpu), then the refusal attribute;
-#   3. the SAE suite (`saealign sae suite`, wide SAEs at every layer), then the ablations on job 2's triples.
-# Every job resumes; a rerun skips what is done. Logs: W/{sweep,attr,suite}.log; each job's exit status: W/*.status.
+# The GPU work of issues #17 and #14 in one go, three jobs side by side on one GPU (the default model is small):
+#   suite:      the SAE suite (`saealign sae suite`: generic and preference-domain SAEs at 7 depths), the layer grid
+#               of the ablations on the refusal attribute (--grid-only), wide SAEs at the chosen pair alone (a second
+#               suite), then the ablations' arms on validation and test;
+#   sweep_dpo:  the restricted sweep's DPO at N = 500, 1,000, full (fp32, as on CPU; --batch-scale 4: the same
+#               global batch in fewer, larger micro-batches);
+#   sweep_rahf: RAHF-SCIT likewise.
+# Every job resumes; a rerun skips what is done. Logs: W/<job>.log; each job's exit status: W/<job>.status.
 #
-#   DATA=../shared/data W=runs/gpu bash benchmarks/gpu_runs.sh
+#   DATA=../shared/data W=runs/gpu TRIPLES=<refusal fit triples> VAL_TRIPLES=<refusal validation triples> \
+#       bash benchmarks/gpu_runs.sh start      # the jobs, detached (setsid): they outlive the command
+#   W=runs/gpu DEADLINE=600 bash benchmarks/gpu_runs.sh watch    # progress every 30 s until all end or DEADLINE
 #
-# Knobs: DEADLINE (seconds to watch before returning; the jobs run on), TINY=1 (tiny settings: checks the wiring on CPU).
-# Where a machine ends a command's processes when it returns, start it under `setsid` and read W in a later call.
+# TINY=1: tiny settings (checks the wiring on CPU in minutes).
 set -u
 DATA=${DATA:-../shared/data}; W=${W:-runs/gpu}; DEADLINE=${DEADLINE:-3600}; PY=${PY:-python3}
-for need in hh-rlhf alpaca-eval arc mmlu self-instruct; do  # roles read all of these (test_helpful drops AlpacaEval prompts)
-  [ -d "$DATA/$need" ] || { echo "error: $DATA/$need is missing (the data roles need it)"; exit 2; }
-done
-mkdir -p "$W/sweep_results"
-[ -f "$W/sweep_results/restricted_sweep.json" ] || cp benchmarks/results/restricted_sweep.json "$W/sweep_results/"
-if [ -n "${TINY:-}" ]; then
-  SWEEP=(--ns 16 --methods dpo --n 8); ATTR=(--tiny --gpu)
-  SUITE=(--layers 6 --layers 9 --layers 24 --widths 256 --wide-layers 9 --wide-layers 24 --wide-width 512 --k 16
-         --generic-n 40 --preference-n 40 --eval-n 4 --epochs 1 --finetune-epochs 1 --batch-size 512)
-  ABLATE=(--layers 6 9 24 --width 256 --wide-width 512 --val-n 3 --test-n 3 --tokens 6 --hh-n 12 --hh-eval-n 6 --batch 16)
-else
-  SWEEP=(--ns 250 500 1000 full --methods dpo rahf-scit); ATTR=(--gpu)
-  SUITE=(--wide-layers 3 --wide-layers 6 --wide-layers 9 --wide-layers 12 --wide-layers 18 --wide-layers 24 --wide-layers 27)
-  ABLATE=(--batch 128)
-fi
-run() {  # run NAME CMD...: in the background, exit status to W/NAME.status
-  local name=$1; shift
-  ( "$@" > "$W/$name.log" 2>&1; echo $? > "$W/$name.status" ) &
+JOBS=(suite sweep_dpo sweep_rahf)
+
+start() {
+  for need in hh-rlhf alpaca-eval arc mmlu self-instruct; do  # the roles read all of these
+    [ -d "$DATA/$need" ] || { echo "error: $DATA/$need is missing (the data roles need it)"; exit 2; }
+  done
+  for f in "${TRIPLES:?the refusal attribute fit triples}" "${VAL_TRIPLES:?its validation triples}"; do
+    [ -s "$f" ] || { echo "error: $f is missing or empty"; exit 2; }
+  done
+  mkdir -p "$W/sweep_results"
+  [ -f "$W/sweep_results/restricted_sweep.json" ] || cp benchmarks/results/restricted_sweep.json "$W/sweep_results/"
+  if [ -n "${TINY:-}" ]; then
+    SUITE=(--layers 6 --layers 9 --layers 24 --widths 256 --k 16 --generic-n 40 --preference-n 40 --eval-n 4
+           --epochs 1 --finetune-epochs 1 --batch-size 512)
+    WIDE=(--k 16 --generic-n 40 --preference-n 40 --eval-n 4 --epochs 1 --finetune-epochs 1 --batch-size 512)
+    ABLATE=(--layers 6 9 24 --width 256 --wide-width 512 --val-n 3 --test-n 3 --tokens 6 --hh-n 12 --hh-eval-n 6
+            --batch 16 --anchor-out 24)
+    WIDTH=512; SWEEP=(--ns 16 --n 8)
+  else
+    SUITE=(); WIDE=(); ABLATE=(--val-n 300 --test-n 300 --batch 128 --fit-batch 64); WIDTH=8192; SWEEP=(--ns 500 1000 full)
+  fi
+  rm -f "$W"/*.status
+  run suite suite_then_ablations
+  run sweep_dpo sweep dpo
+  run sweep_rahf sweep rahf-scit
 }
-rm -f "$W"/*.status
-run sweep $PY benchmarks/restricted_sweep.py --map "${MAP:-runs/map_full}" "${SWEEP[@]}" --data "$DATA" \
-  --workdir "$W/sweep" --save-steps 0 --output "$W/sweep_results/restricted_sweep.json"
-run attr $PY benchmarks/attributes_protocol.py "${ATTR[@]}" --attributes conditional refusal --data "$DATA" \
-  --output "$W/attr" --results "$W/attr_results"
+
+run() {  # run NAME CMD...: detached, exit status to W/NAME.status
+  local name=$1; shift
+  setsid bash -c "$(declare -p DATA W PY TRIPLES VAL_TRIPLES SUITE WIDE ABLATE WIDTH SWEEP); $(declare -f "$1");
+                  $*; echo \$? > '$W/$name.status'" > "$W/$name.log" 2>&1 < /dev/null &
+}
+
+sweep() {  # sweep METHOD: the HH restricted sweep's trained METHOD at the sweep's N values
+  $PY benchmarks/restricted_sweep.py --map none --methods "$1" "${SWEEP[@]}" --data "$DATA" --workdir "$W/sweep" \
+    --batch-scale 4 --save-steps 0 --output "$W/sweep_results/restricted_sweep.json"
+}
+
 suite_then_ablations() {
   $PY -m saealign sae suite --data "$DATA" --output "$W/suite" "${SUITE[@]}" || return
-  local triples=$W/attr/conditional/triples_fit/triples.jsonl held_out=$W/attr/conditional/triples_validation/triples.jsonl
-  while [ ! -s "$held_out" ] && [ ! -f "$W/attr.status" ]; do sleep 10; done  # job 2 writes them early
-  [ -s "$held_out" ] || { echo "error: the attribute job ended without validation triples"; return 1; }
-  $PY benchmarks/ablations.py --suite "$W/suite" --triples "$triples" --val-triples "$held_out" --data "$DATA" \
-    --output "$W/ablations" "${ABLATE[@]}"
+  local ablate=(benchmarks/ablations.py --attribute refusal --suite "$W/suite" --triples "$TRIPLES"
+                --val-triples "$VAL_TRIPLES" --data "$DATA" --output "$W/ablations" "${ABLATE[@]}")
+  $PY "${ablate[@]}" --grid-only || return
+  local pair
+  pair=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['chosen_pair']['attribute'])" "$W/ablations/ablations.json")
+  $PY -m saealign sae suite --data "$DATA" --output "$W/suite_wide" --layers "${pair%_*}" --layers "${pair#*_}" \
+    --widths "$WIDTH" "${WIDE[@]}" || return
+  $PY "${ablate[@]}" --wide-suite "$W/suite_wide" --wide-width "$WIDTH"
 }
-run suite suite_then_ablations
-start=$SECONDS
-while [ $((SECONDS - start)) -lt "$DEADLINE" ]; do
-  sleep 30
-  echo "== $((SECONDS - start)) s"
-  for job in sweep attr suite; do
-    if [ -f "$W/$job.status" ]; then echo "[$job] ended, exit $(cat "$W/$job.status")"
-    else echo "[$job] $(tail -c 1500 "$W/$job.log" | tr '\r' '\n' | grep -av '^\s*$' | tail -n 1 | cut -c1-200)"; fi
+
+watch() {
+  local begun=$SECONDS
+  while [ $((SECONDS - begun)) -lt "$DEADLINE" ]; do
+    sleep 30
+    echo "== $((SECONDS - begun)) s"
+    for job in "${JOBS[@]}"; do
+      if [ -f "$W/$job.status" ]; then echo "[$job] ended, exit $(cat "$W/$job.status")"
+      else echo "[$job] $(tail -c 1500 "$W/$job.log" 2>/dev/null | tr '\r' '\n' | grep -av '^\s*$' | tail -n 1 | cut -c1-200)"; fi
+    done
+    command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+    local ended=0
+    for job in "${JOBS[@]}"; do [ -f "$W/$job.status" ] && ended=$((ended + 1)); done
+    [ "$ended" -eq "${#JOBS[@]}" ] && break
   done
-  command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
-  [ -f "$W/sweep.status" ] && [ -f "$W/attr.status" ] && [ -f "$W/suite.status" ] && break
-done
-grep -H . "$W"/*.status 2>/dev/null
+  grep -H . "$W"/*.status 2>/dev/null
+}
+
+case "${1:-}" in
+  start) start ;;
+  watch) watch ;;
+  *) echo "usage: bash benchmarks/gpu_runs.sh start|watch"; exit 2 ;;
+esac

@@ -19,6 +19,7 @@ Resumable: finished runs are kept in the JSON and in --workdir and are not redon
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from saealign.data import sample, select_triples
 from saealign.eval.pref import preference_metrics
 from saealign.eval.pref_cache import ScoringCache
 from saealign.models import DEFAULT_MODEL, load_model
+from saealign.rahf import RAHFConfig
 from saealign.runtime.scoring import base_scores_cached, score_triples
 from saealign.steering import load_method
 
@@ -39,9 +41,30 @@ ROOT = Path(__file__).resolve().parents[1]
 STEERED = ("dspa", "static-sae", "repe")
 TRAINED = ("dpo", "rahf-scit")
 VALIDATION_CHOICE = ROOT / "benchmarks" / "results" / "dspa_sweep_val.json"
-# DPO as the FPO benchmark chose it on validation (learning rate from its grid, global batch 8), one epoch.
-DPO_FLAGS = ["--loss", "dpo", "--reference", "cache", "--learning-rate", "1e-5", "--per-device-train-batch-size", "2",
-             "--gradient-accumulation-steps", "4", "--num-train-epochs", "1"]
+# DPO as the FPO benchmark chose it on validation (learning rate from its grid, global batch 8 = 2 pairs x 4
+# micro-batches), one epoch.
+DPO_FLAGS = ["--loss", "dpo", "--reference", "cache", "--learning-rate", "1e-5", "--num-train-epochs", "1"]
+DPO_BATCH = (2, 4)
+
+
+def batch_flags(method: str, scale: int) -> list[str]:
+    """Micro-batch and accumulation flags of a trained method: its global batches (DPO_BATCH; RAHF-SCIT's config
+    defaults for both steps) with `scale` times larger micro-batches and as many fewer accumulation steps. The
+    same optimizer steps in fewer, larger passes: a GPU's use (1 on CPU)."""
+    if method == "dpo":
+        batches = [("", *DPO_BATCH)]
+    else:
+        defaults = {f.name: f.default for f in dataclasses.fields(RAHFConfig)}
+        batches = [(step, defaults[f"{step}per_device_train_batch_size"], defaults[f"{step}gradient_accumulation_steps"])
+                   for step in ("step1_", "step2_")]
+    flags = []
+    for step, micro, accumulation in batches:
+        if accumulation % scale:
+            raise ValueError(f"batch scale {scale} must divide {method}'s {accumulation} accumulation steps")
+        flag = step.replace("_", "-")
+        flags += [f"--{flag}per-device-train-batch-size", str(micro * scale),
+                  f"--{flag}gradient-accumulation-steps", str(accumulation // scale)]
+    return flags
 
 
 def map_at(map_dir: Path, n: str) -> Path:
@@ -49,7 +72,7 @@ def map_at(map_dir: Path, n: str) -> Path:
 
 
 def train(method: str, n: str, data: list[str], out: Path, max_length: int, save_steps: int = 5,
-          mixed_precision: str = "no") -> Path:
+          mixed_precision: str = "no", batch_scale: int = 1) -> Path:
     """Train `method` on the seeded N-draw of `data` (CLI data flags) in a subprocess (the CLI a user runs);
     a finished run is reused, an interrupted one resumed."""
     if (out / "train_summary.json").exists():
@@ -60,7 +83,8 @@ def train(method: str, n: str, data: list[str], out: Path, max_length: int, save
         common += ["--resume-from-checkpoint", "latest"]
     if n != "full":
         common += ["--n", n]
-    command = (["fpo", "train", *DPO_FLAGS] if method == "dpo" else ["rahf", "train"]) + common
+    command = (["fpo", "train", *DPO_FLAGS] if method == "dpo" else ["rahf", "train"]) + batch_flags(method, batch_scale)
+    command += common
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "saealign", *command], check=True)
     print(f"{method} N={n}: trained in {time.time() - t0:.0f} s", flush=True)
@@ -80,6 +104,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help="dtype of every model scored (float32: comparable across devices)")
     ap.add_argument("--mixed-precision", default="no", help="the trainers' --mixed-precision (no: fp32, as on CPU)")
     ap.add_argument("--save-steps", type=int, default=5, help="the trainers' checkpoint interval (steps)")
+    ap.add_argument("--batch-scale", type=int, default=1, help="micro-batches this many times larger, with as many "
+                    "fewer accumulation steps (same global batch; a GPU's use, see batch_flags)")
     ap.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "restricted_sweep.json")
     args = ap.parse_args()
     if args.threads:
@@ -91,7 +117,7 @@ def main() -> None:
     result.update({"benchmark": "restricted-data sweep", "model": DEFAULT_MODEL, "test_role": "test_helpful",
                    "test_n": args.n, "seed": 0, "max_length": args.max_length, "map": str(args.map),
                    "settings": {"chosen_on": f"validation, N = full ({VALIDATION_CHOICE.name})", **chosen,
-                                "dpo": " ".join(DPO_FLAGS)},
+                                "dpo": " ".join(DPO_FLAGS + batch_flags("dpo", 1))},
                    "versions": versions()})
     device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()
     runs = result.setdefault("runs", {})
@@ -103,7 +129,8 @@ def main() -> None:
     def record(key: str, method: str, n: str, triples: int, scores, cost: dict, started: float) -> None:
         metrics = preference_metrics(scores, base)
         runs[key] = {"method": method, "n": n, "triples": triples, "metrics": {k: v.to_json() for k, v in metrics.items()},
-                     "cost": cost, "eval_seconds": round(time.time() - started, 1), "device": device}
+                     "cost": cost, "eval_seconds": round(time.time() - started, 1), "device": device,
+                     **({"batch_scale": args.batch_scale} if method in TRAINED else {})}
         keep_other_runs(runs, args.output)
         write_json(args.output, result)
         acc = metrics["reward_acc"]
@@ -126,7 +153,7 @@ def main() -> None:
             if f"{method}@{n}" in runs:
                 continue
             out = train(method, n, ["--data", str(args.data), "--data-role", "fit"], args.workdir / f"{method}_n{n}",
-                        args.max_length, args.save_steps, args.mixed_precision)
+                        args.max_length, args.save_steps, args.mixed_precision, args.batch_scale)
             started = time.time()
             policy, _ = load_model(str(out), dtype=args.dtype)
             scores = score_triples(policy, tok, test, None, args.max_length, desc=f"score {method} N={n}")

@@ -113,6 +113,19 @@ def test_resume_latest_in_place_trims_the_log_and_refuses_a_changed_run(tmp_path
         run(tmp_path, "run", loss="dpo", num_train_epochs=2, resume_from_checkpoint="latest", learning_rate=5e-4)
 
 
+def test_only_the_newest_checkpoints_are_kept_and_the_run_still_resumes(tmp_path):
+    def steps(out):
+        return sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+
+    kept = run(tmp_path, "kept", loss="dpo", num_train_epochs=2, save_steps=1)  # default save_total_limit 2
+    assert steps(kept.output_dir) == [2, 3]
+    every = run(tmp_path, "every", loss="dpo", num_train_epochs=2, save_steps=1, save_total_limit=0)
+    assert steps(every.output_dir) == [1, 2, 3]
+    again = run(tmp_path, "kept", loss="dpo", num_train_epochs=2, resume_from_checkpoint="latest", save_total_limit=1)
+    assert [r["step"] for r in read_metrics(again.output_dir)] == [1, 2, 3, 4]
+    assert read_metrics(again.output_dir)[3]["loss"] == pytest.approx(kept.metrics[3]["loss"], rel=1e-6)
+
+
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
     big = run(tmp_path, "big", loss="fpo", per_device_train_batch_size=4, gradient_accumulation_steps=1)
     acc = run(tmp_path, "acc", loss="fpo", per_device_train_batch_size=1, gradient_accumulation_steps=4)

@@ -115,7 +115,8 @@ class RAHFConfig(TrainingOptions):
 
     def step_settings(self, step: int) -> LoopSettings:
         common = dict(weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, seed=self.seed,
-                      logging_steps=self.logging_steps, save_steps=self.save_steps, progress=self.progress)
+                      logging_steps=self.logging_steps, save_steps=self.save_steps,
+                      save_total_limit=self.save_total_limit, progress=self.progress)
         if step == 1:
             return LoopSettings(stage="rahf-step1-scit", learning_rate=self.step1_learning_rate,
                                 lr_scheduler_type=self.step1_lr_scheduler_type, warmup_ratio=self.step1_warmup_ratio,
@@ -131,7 +132,7 @@ class RAHFConfig(TrainingOptions):
 
 
 # Settings that may change when a run is resumed: they do not change the trajectory.
-_RESUMABLE_CHANGES = {"output", "resume_from_checkpoint", "save_steps", "logging_steps", "progress", "device"}
+_RESUMABLE_CHANGES = {"output", "resume_from_checkpoint", "save_steps", "save_total_limit", "logging_steps", "progress", "device"}
 # Settings step 1 does not read: a finished step 1 is reused when only these changed.
 _STEP2_ONLY = {f.name for f in dataclasses.fields(RAHFConfig) if f.name.startswith("step2_")} | {
     "target_layers", "target_scale", "responses"}

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,9 @@ class TrainingOptions:
         "seed of the --n draw, the data order and all torch randomness (accelerate's set_seed)"))
     logging_steps: int = field(default=1, metadata=option("log every K optimizer steps", ge=1))
     save_steps: int = field(default=0, metadata=option("checkpoint every K optimizer steps (0: none)", ge=0))
+    save_total_limit: int = field(default=2, metadata=option(
+        "keep the newest K checkpoints, deleting older ones once a newer one is complete (0: keep all; a full "
+        "fine-tune's checkpoint is ~12 bytes per parameter)", ge=0))
     resume_from_checkpoint: str | None = field(default=None, metadata=option(
         "a checkpoint directory, or 'latest': continue the run in --output where it stopped"))
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata=option(
@@ -83,6 +87,7 @@ class LoopSettings:
     seed: int = 0  # of the data order
     logging_steps: int = 1
     save_steps: int = 0  # 0: no checkpoints
+    save_total_limit: int = 2  # newest checkpoints kept (0: all)
     resume_from_checkpoint: str | None = None  # a checkpoint directory, or 'latest' in the output
     progress: bool = True
     progress_metrics: dict[str, str] = field(default_factory=lambda: {"loss": "loss"})  # bar label -> metric
@@ -213,6 +218,7 @@ def run_loop(accelerator: Any, model: torch.nn.Module, n_examples: int, micro_ba
             if is_main:
                 _save_checkpoint(out_dir / f"{CHECKPOINT_PREFIX}{done}", unwrapped, optimizer, scheduler,
                                  {**state, "step": done, "cost": meter.result()})
+                _rotate_checkpoints(out_dir, settings.save_total_limit)
             accelerator.wait_for_everyone()
     bar.close()
     return LoopResult(unwrapped, history, start_step, total_steps, order.global_micro * settings.gradient_accumulation_steps,
@@ -245,6 +251,17 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     """The complete checkpoint with the highest step in `out_dir`, if any."""
     found = [p for p in out_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / TRAINER_STATE).exists()]
     return max(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX))) if found else None
+
+
+def _rotate_checkpoints(out_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (0: keep all), as transformers' save_total_limit;
+    the newest is complete before any older one goes, so a stop at any moment leaves one to resume from."""
+    if keep <= 0:
+        return
+    complete = sorted((p for p in out_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / TRAINER_STATE).exists()),
+                      key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+    for old in complete[:-keep]:
+        shutil.rmtree(old)
 
 
 def _resolve_checkpoint(spec: str, out_dir: Path) -> Path:

@@ -70,6 +70,8 @@ def held_out_features(model, tokenizer, sae_ins, sae_outs, triples, options: Fit
 
     from saealign.data import collate_pairs, render_triples
 
+    device = next(model.parameters()).device  # SAEs load on the CPU; the passes run where the model is
+    sae_ins, sae_outs = [sae.to(device) for sae in sae_ins], [sae.to(device) for sae in sae_outs]
     rendered = render_triples(tokenizer, triples, max_length=options.max_length, progress=False)
     g = [torch.zeros(len(rendered), sae.d_sae) for sae in sae_ins]
     delta = [torch.zeros(len(rendered), sae.d_sae) for sae in sae_outs]

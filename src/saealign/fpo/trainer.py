@@ -94,7 +94,7 @@ class TrainConfig(TrainingOptions):
 
 
 # Fields that may change between a run and its resumption (they do not change the trajectory).
-_RESUMABLE_CHANGES = {"output", "resume_from_checkpoint", "save_steps", "logging_steps", "progress", "device",
+_RESUMABLE_CHANGES = {"output", "resume_from_checkpoint", "save_steps", "save_total_limit", "logging_steps", "progress", "device",
                       "ref_cache", "ref_batch_size", "per_device_train_batch_size"}
 
 
@@ -219,7 +219,8 @@ def train(cfg: TrainConfig, model: Any = None, tokenizer: Any = None, pairs: Seq
         warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         per_device_batch_size=cfg.per_device_train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, seed=cfg.seed, logging_steps=cfg.logging_steps,
-        save_steps=cfg.save_steps, resume_from_checkpoint=cfg.resume_from_checkpoint, progress=cfg.progress,
+        save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        resume_from_checkpoint=cfg.resume_from_checkpoint, progress=cfg.progress,
         progress_metrics={"loss": "loss", "acc": "rewards/accuracies"})
     state = {"config": dataclasses.asdict(cfg), "data_fingerprint": pairs_fingerprint(pairs), "n_pairs": len(pairs)}
     loop = run_loop(accelerator, model, len(pairs), micro_batch, settings, out_dir, state, _RESUMABLE_CHANGES)

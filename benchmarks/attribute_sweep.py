@@ -78,7 +78,7 @@ def main() -> None:
     result.update({"benchmark": f"restricted-data sweep, attribute {attribute}", "headline": headline,
                    "work": str(args.work), "test_sources": test_config["sources"], "test_n": test_config["n_prompts"],
                    "settings": {"chosen_on": "validation, N = full (chosen_on_validation.json)", **chosen}})
-    runs = result.setdefault("runs", {})
+    runs, own = result.setdefault("runs", {}), set()  # own: the runs this process adds
     for n in args.ns:
         for method in args.methods:
             key = f"{method}@{n}"
@@ -101,15 +101,16 @@ def main() -> None:
                 triples, cost = summary["n_pairs"] if method == "dpo" else summary["n_triples"], summary["cost"]
             if method in TRAINED:
                 setting = {"max_length": read_json(trained / "training_config.json").get("max_length")}
+            own.add(key)
             runs[key] = {"method": method, "n": n, "triples": triples, "setting": setting,
                          "value": record["metrics"][headline], "delta": record["deltas"][headline],
                          "perplexity": record["metrics"]["perplexity"]["value"], "cost": cost,
                          "eval_seconds": round(time.time() - started, 1)}
-            keep_other_runs(runs, output)
+            keep_other_runs(runs, output, own)
             write_json(output, result)
             d = runs[key]["delta"]
             print(f"{key}: Δ {headline} {d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]", flush=True)
-    keep_other_runs(runs, output)
+    keep_other_runs(runs, output, own)
     output.with_suffix(".md").write_text(table(result))
     plot_sweep(_rows(result), "delta", f"Δ {headline} vs base (95% CI)", 0.0,
                f"Restricted-data sweep, attribute {attribute}, {result['test_n']} test prompts", output.with_suffix(".png"))

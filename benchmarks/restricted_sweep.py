@@ -120,7 +120,7 @@ def main() -> None:
                                 "dpo": " ".join(DPO_FLAGS + batch_flags("dpo", 1))},
                    "versions": versions()})
     device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()
-    runs = result.setdefault("runs", {})
+    runs, own = result.setdefault("runs", {}), set()  # own: the runs this process adds
 
     model, tok = load_model(DEFAULT_MODEL, dtype=args.dtype)
     test = sample(select_triples(str(args.data), "test_helpful"), args.n, 0)
@@ -128,10 +128,11 @@ def main() -> None:
 
     def record(key: str, method: str, n: str, triples: int, scores, cost: dict, started: float) -> None:
         metrics = preference_metrics(scores, base)
+        own.add(key)
         runs[key] = {"method": method, "n": n, "triples": triples, "metrics": {k: v.to_json() for k, v in metrics.items()},
                      "cost": cost, "eval_seconds": round(time.time() - started, 1), "device": device,
                      **({"batch_scale": args.batch_scale} if method in TRAINED else {})}
-        keep_other_runs(runs, args.output)
+        keep_other_runs(runs, args.output, own)
         write_json(args.output, result)
         acc = metrics["reward_acc"]
         print(f"{key}: reward acc {100 * acc.value:.1f} [{100 * acc.ci95[0]:.1f}, {100 * acc.ci95[1]:.1f}], "
@@ -184,10 +185,14 @@ def _as_number(n: str) -> float:
     return float("inf") if n == "full" else float(n)
 
 
-def keep_other_runs(runs: dict, path: Path) -> None:
-    """Add to `runs` the runs another sweep process (other methods) wrote to `path` since this one read it."""
+def keep_other_runs(runs: dict, path: Path, own: set[str]) -> None:
+    """Make `runs` the runs at `path` as other sweep processes left them (their new runs and removals included)
+    plus this process's `own` runs, so that processes sharing one file never write back each other's stale rows."""
     if path.exists():
-        runs.update({k: v for k, v in read_json(path)["runs"].items() if k not in runs})
+        mine = {key: runs[key] for key in own}
+        runs.clear()
+        runs.update(read_json(path)["runs"])
+        runs.update(mine)
 
 
 def plot_sweep(runs: list[dict], estimate: str, ylabel: str, reference: float, title: str, path: Path,

@@ -77,6 +77,12 @@ def test_fpo_uses_the_cache_and_never_a_reference_model(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "build_reference_cache", forbidden)
     second = run(tmp_path, "b", loss="fpo", ref_cache=str(tmp_path / "ref"))
     assert [r["loss"] for r in second.metrics] == pytest.approx([r["loss"] for r in first.metrics], abs=1e-6)
+    # both runs owe the method its reference pass: the reused cache brings the build cost it recorded
+    assert [first.summary["ref_cache_reused"], second.summary["ref_cache_reused"]] == [False, True]
+    built = first.summary["cost_by_stage"][0]
+    assert built["stage"] == "fpo-reference-cache" and built["passes"] > 0
+    assert second.summary["cost_by_stage"][0] == built
+    assert second.summary["cost"]["flops"] == first.summary["cost"]["flops"]
 
 
 def test_fpo_with_cache_equals_fpo_with_live_reference(tmp_path):

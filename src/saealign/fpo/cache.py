@@ -225,5 +225,7 @@ def load_or_build(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Render
     log.info("building reference cache %s (%d pairs)", target, len(pairs))
     cache = build_reference_cache(model, tokenizer, pairs, key, sae, **build_kwargs)
     cache.meta["model_id"] = getattr(getattr(model, "config", None), "saealign_model_id", None)
+    if build_kwargs.get("meter") is not None:  # a run that reuses the cache still owes its build to the method
+        cache.meta["build_cost"] = build_kwargs["meter"].result()
     cache.save(target)
     return cache

@@ -11,8 +11,9 @@ names are kept, and the DPO/SimPO losses are checked against TRL's own trainers 
 
 Choices: dropout is disabled (TRL's `disable_dropout=True`), so a step is a deterministic function
 of the weights, the optimizer state and the data order — which is all a checkpoint stores. The cost
-(`saealign.cost`) of the training passes, and of the reference-cache pass when this run builds it, goes
-into `train_summary.json` ("cost": the whole run; "cost_by_stage": each stage).
+(`saealign.cost`) of the training passes and of the reference-cache pass goes into `train_summary.json`
+("cost": the alignment stage; "cost_by_stage": each stage). A reused cache contributes the build cost it recorded,
+so the cost of a method does not depend on what an earlier run left on disk ("ref_cache_reused" says which).
 """
 
 from __future__ import annotations
@@ -171,14 +172,19 @@ def train(cfg: TrainConfig, model: Any = None, tokenizer: Any = None, pairs: Seq
     # -- reference: the offline cache, a frozen copy, or (LoRA) the policy with adapters disabled ----------
     source = cfg.reference_source()
     reference: Reference | None = None
-    cache_path = None
+    cache_path, cache_reused = None, False
     stage_costs = []
     if source == "cache":
         cache_meter = CostMeter("fpo-reference-cache", model)
         reference = _reference_cache(cfg, setup, cache_meter)
         cache_path = str(reference.path)
-        if cache_meter.result()["passes"]:  # built in this run, not reused
-            stage_costs.append(cache_meter.result())
+        built_now = bool(cache_meter.result()["passes"])
+        # the method's alignment stage includes its reference pass whether this run built the cache or found it
+        # (a sweep's N values then compare alike); caches older than the recorded build cost add nothing
+        build_cost = reference.meta.get("build_cost") or (cache_meter.result() if built_now else None)
+        if build_cost is not None:
+            stage_costs.append(build_cost)
+        cache_reused = not built_now
     elif source == "model" and not cfg.use_peft:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         reference = ModelReference(ref_model, sae)
@@ -231,6 +237,7 @@ def train(cfg: TrainConfig, model: Any = None, tokenizer: Any = None, pairs: Seq
     summary = {"loss": cfg.loss, "steps": loop.total_steps, "resumed_from_step": loop.start_step, "n_pairs": len(pairs),
                "global_batch": loop.global_batch, "world_size": accelerator.num_processes,
                "mixed_precision": setup.mixed_precision, "reference": source, "ref_cache": cache_path,
+               "ref_cache_reused": cache_reused,
                "mean_step_time_s": loop.mean_step_time_s, "peak_memory_mb": loop.peak_memory_mb,
                "peak_memory_setup_mb": setup_peak_mb, "peak_memory_kind": peak_memory_kind(accelerator.device),
                "final": history[-1] if history else None,

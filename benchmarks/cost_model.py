@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from restricted_sweep import _as_number
 from saealign._io import read_json, write_json
 from saealign.cost import GEMMA2_9B, QWEN3_8B, ArchShape, LoraShape, pass_flops
 from saealign.steering import recorded_cost
@@ -99,9 +100,11 @@ def main() -> None:
         method, _, n = key.partition("@")
         runs[key] = {"method": method, "n": n, "cost": cost}
     counted = {key: {"counted": r["cost"]["flops"]["total"], "analytic": r["cost"]["analytic_flops"]["total"],
-                     "analytic_over_counted": r["cost"]["analytic_over_counted"]} for key, r in runs.items()}
+                     "analytic_over_counted": r["cost"]["analytic_over_counted"]}
+               for key, r in sorted(runs.items(), key=lambda kv: (kv[1]["method"], _as_number(kv[1]["n"])))}
     ratios = {n: runs[f"rahf-scit@{n}"]["cost"]["flops"]["total"] / runs[f"dspa@{n}"]["cost"]["flops"]["total"]
-              for n in dict.fromkeys(r["n"] for r in runs.values()) if f"rahf-scit@{n}" in runs and f"dspa@{n}" in runs}
+              for n in sorted({r["n"] for r in runs.values()}, key=_as_number)
+              if f"rahf-scit@{n}" in runs and f"dspa@{n}" in runs}
     prompt, response = fit_pool_lengths(args.data)
     paper = {}
     for name, (arch, _, l_out, m_in, m_out) in MODELS.items():

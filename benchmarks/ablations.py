@@ -409,9 +409,9 @@ def _measure(result: dict) -> tuple[str, str]:
     return result.get("attribute", "conditional"), result.get("headline", "balanced_accuracy")
 
 
-def _cell(estimate: dict, scale: float = 100.0) -> str:
+def _cell(estimate: dict, scale: float = 100.0, digits: int = 1) -> str:
     lo, hi = estimate["ci95"] or (estimate["value"], estimate["value"])
-    return f"{scale * estimate['value']:+.1f} [{scale * lo:+.1f}, {scale * hi:+.1f}]"
+    return f"{scale * estimate['value']:+.{digits}f} [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]"
 
 
 def _level(estimate: dict) -> str:
@@ -445,7 +445,7 @@ def markdown(result: dict) -> str:
         measured = row.get(f"{attribute}_validation")  # None: not on the coordinate search's path
         outcome = (f"{_cell(measured['deltas'][headline])} | {measured['metrics']['perplexity']['value']:.2f}"
                    if measured else "— | —")
-        lines.append(f"| {key} | {outcome} | {_cell(row['map_signal']['alignment'], 1.0)} | "
+        lines.append(f"| {key} | {outcome} | {_cell(row['map_signal']['alignment'], 1.0, 3)} | "
                      f"{_level(row['hh_validation']['reward_acc']) if 'hh_validation' in row else '—'} |")
     for split in ("validation", "test"):
         stage = result.get(f"arms_{split}")

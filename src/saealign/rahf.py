@@ -44,8 +44,9 @@ from saealign.data import RenderedTriple, collate_pairs, render_triples
 from saealign.fpo.losses import completion_logps
 from saealign.fpo.trainer import load_triples
 from saealign.hooks import num_layers, read_residuals
-from saealign.training import (LoopResult, LoopSettings, MicroBatchResult, StepContext, TrainingOptions,
-                               disable_dropout, latest_checkpoint, make_accelerator, resume_mismatch, run_loop)
+from saealign.training import (RESUMABLE_OPTIONS, LoopResult, LoopSettings, MicroBatchResult, StepContext,
+                               TrainingOptions, disable_dropout, latest_checkpoint, make_accelerator, resume_mismatch,
+                               run_loop)
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,6 @@ class RAHFConfig(TrainingOptions):
                             num_train_epochs=self.step2_num_train_epochs, max_steps=self.step2_max_steps, **common)
 
 
-# Settings that may change when a run is resumed: they do not change the trajectory.
-_RESUMABLE_CHANGES = {"output", "resume_from_checkpoint", "save_steps", "save_total_limit", "logging_steps", "progress", "device"}
 # Settings step 1 does not read: a finished step 1 is reused when only these changed.
 _STEP2_ONLY = {f.name for f in dataclasses.fields(RAHFConfig) if f.name.startswith("step2_")} | {
     "target_layers", "target_scale", "responses"}
@@ -317,7 +316,7 @@ def train(cfg: RAHFConfig, model: Any = None, tokenizer: Any = None, triples: Se
     step1_dir = out_dir / "step1"
     done = read_json(step1_dir / STEP1_DONE) if (step1_dir / STEP1_DONE).exists() else None
     if done is not None and cfg.resume_from_checkpoint:
-        differences = resume_mismatch(done["state"], step1_state, _RESUMABLE_CHANGES | _STEP2_ONLY)
+        differences = resume_mismatch(done["state"], step1_state, RESUMABLE_OPTIONS | _STEP2_ONLY)
         if differences:
             raise ValueError(f"{step1_dir}: cannot resume, step 1 finished with other settings ({'; '.join(differences)})")
         log.info("step 1 finished in %s: skipped", step1_dir)
@@ -410,7 +409,7 @@ def _train_step1(cfg: RAHFConfig, accelerator: Any, policy: torch.nn.Module, tok
 
     settings = dataclasses.replace(cfg.step_settings(1), resume_from_checkpoint=resume)
     loop = run_loop(accelerator, policy, len(examples), micro_batch, settings, Path(cfg.output) / "step1", state,
-                    _RESUMABLE_CHANGES | _STEP2_ONLY)
+                    RESUMABLE_OPTIONS | _STEP2_ONLY)
     if cfg.step1_use_peft:
         loop.model = loop.model.merge_and_unload()
     return loop
@@ -461,4 +460,4 @@ def _train_step2(cfg: RAHFConfig, accelerator: Any, original: torch.nn.Module, t
 
     settings = dataclasses.replace(cfg.step_settings(2), resume_from_checkpoint=resume)
     return run_loop(accelerator, student, len(examples), micro_batch, settings, Path(cfg.output) / "step2", state,
-                    _RESUMABLE_CHANGES)
+                    RESUMABLE_OPTIONS)

@@ -70,6 +70,12 @@ class TrainingOptions:
     progress: bool = field(default=True, metadata=option("show progress bars"))
 
 
+# The TrainingOptions a resumed run may change: how a run is kept and shown, not its trajectory. Each trainer adds
+# its own (`resume_mismatch`'s `resumable`).
+RESUMABLE_OPTIONS = frozenset({"output", "resume_from_checkpoint", "save_steps", "save_total_limit", "logging_steps",
+                               "progress", "device"})
+
+
 @dataclass
 class LoopSettings:
     """The optimisation settings of one training stage (method configs name them as TRL does)."""
@@ -247,10 +253,16 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
+def _complete_checkpoints(out_dir: Path) -> list[Path]:
+    """The complete checkpoints in `out_dir` (`trainer_state.json` written last), oldest step first."""
+    found = [p for p in out_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / TRAINER_STATE).exists()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """The complete checkpoint with the highest step in `out_dir`, if any."""
-    found = [p for p in out_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / TRAINER_STATE).exists()]
-    return max(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX))) if found else None
+    found = _complete_checkpoints(out_dir)
+    return found[-1] if found else None
 
 
 def _rotate_checkpoints(out_dir: Path, keep: int) -> None:
@@ -258,9 +270,7 @@ def _rotate_checkpoints(out_dir: Path, keep: int) -> None:
     the newest is complete before any older one goes, so a stop at any moment leaves one to resume from."""
     if keep <= 0:
         return
-    complete = sorted((p for p in out_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / TRAINER_STATE).exists()),
-                      key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
-    for old in complete[:-keep]:
+    for old in _complete_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old)
 
 

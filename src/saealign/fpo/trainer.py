@@ -35,8 +35,8 @@ from saealign.fpo.cache import ReferenceCache, load_or_build
 from saealign.fpo.objective import ModelReference, Objective, Reference, run_model
 from saealign.hooks import num_layers
 from saealign.training import METRICS_FILE  # noqa: F401  (re-exported: where the metrics of a run are)
-from saealign.training import (LoopSettings, MicroBatchResult, StepContext, TrainingOptions, disable_dropout,
-                               make_accelerator, run_loop)
+from saealign.training import (RESUMABLE_OPTIONS, LoopSettings, MicroBatchResult, StepContext, TrainingOptions,
+                               disable_dropout, make_accelerator, run_loop)
 
 
 Loss = Literal[L.LOSSES]
@@ -95,8 +95,7 @@ class TrainConfig(TrainingOptions):
 
 
 # Fields that may change between a run and its resumption (they do not change the trajectory).
-_RESUMABLE_CHANGES = {"output", "resume_from_checkpoint", "save_steps", "save_total_limit", "logging_steps", "progress", "device",
-                      "ref_cache", "ref_batch_size", "per_device_train_batch_size"}
+_RESUMABLE_CHANGES = RESUMABLE_OPTIONS | {"ref_cache", "ref_batch_size", "per_device_train_batch_size"}
 
 
 @dataclass
@@ -178,13 +177,12 @@ def train(cfg: TrainConfig, model: Any = None, tokenizer: Any = None, pairs: Seq
         cache_meter = CostMeter("fpo-reference-cache", model)
         reference = _reference_cache(cfg, setup, cache_meter)
         cache_path = str(reference.path)
-        built_now = bool(cache_meter.result()["passes"])
+        cache_reused = not cache_meter.result()["passes"]
         # the method's alignment stage includes its reference pass whether this run built the cache or found it
-        # (a sweep's N values then compare alike); caches older than the recorded build cost add nothing
-        build_cost = reference.meta.get("build_cost") or (cache_meter.result() if built_now else None)
-        if build_cost is not None:
-            stage_costs.append(build_cost)
-        cache_reused = not built_now
+        # (a sweep's N values then compare alike): `load_or_build` records the build cost in the cache; caches
+        # older than that record add nothing
+        if "build_cost" in reference.meta:
+            stage_costs.append(reference.meta["build_cost"])
     elif source == "model" and not cfg.use_peft:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         reference = ModelReference(ref_model, sae)

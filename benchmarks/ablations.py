@@ -54,7 +54,7 @@ from saealign.eval.pref import preference_metrics, reward_hits
 from saealign.dspa.diagnostics import HeldOutStatistics, held_out_features, map_signal
 from saealign.models import DEFAULT_MODEL, load_model
 from saealign.sae import load_sae
-from saealign.runtime.scoring import base_scores_cached, score_triples
+from saealign.runtime.scoring import base_scores_cached, load_scores, save_scores, score_triples
 from saealign.stats import paired_difference
 from saealign.steering import LatentSteering, load_method
 
@@ -196,13 +196,18 @@ class Ablations:
         return {arm.name: {**self.signals_by_fit[arm.signal_key], "map": arm.fit_key} for arm in arms}
 
     def hh(self, arm: Arm, split: str) -> dict:
+        """The arm's HH-RLHF metrics on `split`; its per-triple scores are kept on disk, so that a rerun (an arm
+        added, the paired test differences) scores no arm twice."""
         triples = self.hh_validation if split == "validation" else self.hh_test
         if split not in self.base:
             self.base[split] = base_scores_cached(self.model, self.tok, triples, self.args.hh_max_length, progress=False)
         if (split, arm.name) not in self.hh_scores:
-            intervention = load_method(f"dspa:{self.map_for(arm, 'hh')}", model=self.model)
-            self.hh_scores[split, arm.name] = score_triples(self.model, self.tok, triples, intervention,
-                                                            self.args.hh_max_length, progress=False)
+            path = self.out / "hh_scores" / split / f"{arm.fit_key}__{arm.name}.safetensors"
+            if not path.exists():
+                intervention = load_method(f"dspa:{self.map_for(arm, 'hh')}", model=self.model)
+                save_scores(path, score_triples(self.model, self.tok, triples, intervention, self.args.hh_max_length,
+                                                progress=False))
+            self.hh_scores[split, arm.name] = load_scores(path)
         return {k: v.to_json() for k, v in preference_metrics(self.hh_scores[split, arm.name], self.base[split]).items()}
 
     # stages -------------------------------------------------------------------------------------------------

@@ -50,3 +50,17 @@ def test_cache_refuses_what_it_cannot_score():
     assert not cache.supports(model, DSPA(dspa_map, sae_in, sae_out))  # no prompt features were cached
     with pytest.raises(ValueError, match="cannot be scored from this cache"):
         cache.score(model, PromptPrefix())
+
+
+def test_saved_scores_load_back_exactly_and_a_corrupt_file_is_refused(tmp_path):
+    from saealign.runtime.scoring import SequenceScores, load_scores, save_scores
+
+    scores = SequenceScores(np.array([-12.5, -3.25]), np.array([-7.0, -40.125]), np.array([5, 9]), np.array([4, 17]))
+    path = tmp_path / "scores" / "arm.safetensors"
+    save_scores(path, scores)
+    back = load_scores(path)
+    for name in ("logp_chosen", "logp_rejected", "len_chosen", "len_rejected"):
+        assert np.array_equal(getattr(back, name), getattr(scores, name))
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(ValueError, match="arm.safetensors"):
+        load_scores(path)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saealign._io import cache_dir, save_tensors
+from saealign._io import cache_dir, load_tensors, save_tensors
 from saealign.data import collate_pairs, length_batches, render_triples, triples_fingerprint
 from saealign.models import cache_argument, model_id, pad_token_id, returned_cache, takes_logit_mask
 from saealign.runtime.inputs import left_pad, mask_positions, max_positions, model_device
@@ -266,17 +266,25 @@ def store_base_scores(model, tokenizer, triples, max_length: int, scores: Sequen
     """Keep base scores on disk for `base_scores_cached` (they never change)."""
     path = _base_cache_path(model, tokenizer, triples, max_length)
     if not path.exists():
-        save_tensors(path, {k: torch.from_numpy(np.asarray(v)) for k, v in scores.__dict__.items()})
+        save_scores(path, scores)
+
+
+def save_scores(path: Path, scores: SequenceScores) -> None:
+    """Per-triple scores to a safetensors file (atomically), for `load_scores`."""
+    save_tensors(path, {k: torch.from_numpy(np.asarray(v)) for k, v in scores.__dict__.items()})
+
+
+def load_scores(path: Path) -> SequenceScores:
+    """Scores written by `save_scores`, checked by `load_tensors`."""
+    t = load_tensors(path)
+    return SequenceScores(*(t[k].numpy() for k in ("logp_chosen", "logp_rejected", "len_chosen", "len_rejected")))
 
 
 def base_scores_cached(model, tokenizer, triples, max_length: int = 1024, progress: bool = True) -> SequenceScores:
     """Base-model scores, cached on disk (they never change for a given model, data and rendering)."""
     path = _base_cache_path(model, tokenizer, triples, max_length)
     if path.exists():
-        from safetensors.torch import load_file
-
-        t = load_file(str(path))
-        return SequenceScores(*(t[k].numpy() for k in ("logp_chosen", "logp_rejected", "len_chosen", "len_rejected")))
+        return load_scores(path)
     scores = score_triples(model, tokenizer, triples, None, max_length, progress=progress, desc="score base")
     store_base_scores(model, tokenizer, triples, max_length, scores)
     return scores

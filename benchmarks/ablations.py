@@ -285,7 +285,9 @@ class Ablations:
                                                 self.steering))
         preference = dataclasses.replace(ref, name="preference_sae", sae_in=sae_dir(s, "preference", i, w),
                                          sae_out=sae_dir(s, "preference", o, w))
-        return [ref, preference, *self.wide_arm(i, o), *steering,
+        wide = Arm("wide_sae", sae_dir(self.args.wide_suite or s, "generic", i, self.args.wide_width),
+                   sae_dir(self.args.wide_suite or s, "generic", o, self.args.wide_width), self.steering)
+        return [ref, *_if_trained(preference), *_if_trained(wide), *steering,
                 Arm("shipped_9_24", "default:in", "default:out", self.steering)]
 
     def steering_arms(self, ref: Arm) -> list[Arm]:
@@ -296,14 +298,6 @@ class Ablations:
         return [ref, *modes, dataclasses.replace(ref, name="stat_mean", stat="mean"),
                 dataclasses.replace(ref, name="centred", steering=dataclasses.replace(self.steering, center=True,
                                                                                       k_prompt=CENTRED_K_PROMPT))]
-
-    def wide_arm(self, i: int, o: int) -> list[Arm]:
-        s, ww = self.args.wide_suite or self.args.suite, self.args.wide_width
-        wide = Arm("wide_sae", sae_dir(s, "generic", i, ww), sae_dir(s, "generic", o, ww), self.steering)
-        if (Path(wide.sae_in) / "cfg.json").exists() and (Path(wide.sae_out) / "cfg.json").exists():
-            return [wide]
-        print(f"  no wide SAEs at layers {i} and {o} in the suite: width arm skipped", flush=True)
-        return []
 
     def arms(self, arms: list[Arm], split: str) -> None:
         stage = self.result.setdefault(f"arms_{split}", {})
@@ -372,6 +366,15 @@ class Ablations:
         (self.out / "ablations.md").write_text(markdown(self.result))
 
 
+def _if_trained(arm: Arm) -> list[Arm]:
+    """[arm] when both its SAEs are saved; else [] and a line saying so (a rerun once they are adds the arm, and
+    only its own work is done: answers, maps and HH scores of the other arms are kept)."""
+    if all((Path(sae) / "cfg.json").exists() for sae in (arm.sae_in, arm.sae_out)):
+        return [arm]
+    print(f"  no SAEs at {arm.sae_in} and {arm.sae_out}: arm {arm.name} skipped", flush=True)
+    return []
+
+
 def plot_grid(result: dict, layers: list[int], path: Path) -> None:
     import matplotlib
 
@@ -379,8 +382,8 @@ def plot_grid(result: dict, layers: list[int], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     attribute, headline = _measure(result)
-    panels = [(f"Δ {headline} vs base\n({attribute}, validation)",
-               lambda r: r[f"{attribute}_validation"]["deltas"][headline]["value"]),
+    panels = [(f"Δ {headline} vs base, points\n({attribute}, validation)",
+               lambda r: 100 * r[f"{attribute}_validation"]["deltas"][headline]["value"]),
               (f"map-signal alignment\n({attribute}, validation triples)", lambda r: r["map_signal"]["alignment"]["value"]),
               ("reward accuracy vs base\n(HH-RLHF, validation)", lambda r: r["hh_validation"]["reward_acc"]["value"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4))
@@ -392,11 +395,12 @@ def plot_grid(result: dict, layers: list[int], path: Path) -> None:
                 grid[layers.index(i), layers.index(o)] = value(row)
             except KeyError:  # a pair the coordinate search did not evaluate: left blank
                 pass
+        span = max(5.0, float(np.nanmax(np.abs(grid)))) if "Δ" in title else None  # +-1 point is not saturated colour
         im = ax.imshow(grid, cmap="RdBu_r" if "Δ" in title else "viridis", origin="lower",
-                       **({"vmin": -np.nanmax(np.abs(grid)), "vmax": np.nanmax(np.abs(grid))} if "Δ" in title else {}))
+                       **({"vmin": -span, "vmax": span} if "Δ" in title else {}))
         for (a, b), v in np.ndenumerate(grid):
             if not np.isnan(v):
-                ax.text(b, a, f"{v:+.3f}" if "Δ" in title else f"{v:.3f}", ha="center", va="center", fontsize=7,
+                ax.text(b, a, f"{v:+.1f}" if "Δ" in title else f"{v:.3f}", ha="center", va="center", fontsize=7,
                         bbox={"facecolor": "white", "alpha": 0.6, "linewidth": 0})
         ax.set_xticks(range(len(layers)), layers)
         ax.set_yticks(range(len(layers)), layers)

@@ -68,6 +68,7 @@ GRID_STEERING = {"conditional": LatentSteering(mode="both", alpha=0.5, k_prompt=
 # The centred arm (`--center`) scores with every input latent's deviation from the mean prompt: on the conditional
 # map's held-out triples, agreement rose with k_prompt up to all of them (README, "the centred map").
 CENTRED_K_PROMPT = 1 << 20
+CHOICE_RULE = "largest validation gain in {headline} among pairs with perplexity <= {guard} x base (ties: lower perplexity)"
 
 
 @dataclass(frozen=True)
@@ -244,22 +245,22 @@ class Ablations:
         self.result["search"] = {"mode": "full grid" if self.args.full_grid else "coordinate",
                                  "anchor_out": None if self.args.full_grid else self.args.anchor_out, "rounds": rounds}
         hh_best = max(evaluated, key=lambda k: stage[k]["hh_validation"]["reward_acc"]["value"])
-        signal_best = max(stage, key=lambda k: stage[k]["map_signal"]["alignment"]["value"])
+        signal_best = max(stage, key=lambda k: stage[k]["map_signal"]["pearson"])
         self.result["chosen_pair"] = {"attribute": self.best(evaluated), "hh": hh_best, "map_signal": signal_best,
-                                      "rule": f"largest validation gain in {self.headline} among pairs with perplexity "
-                                              f"<= {PPL_GUARD} x base (ties: map-signal alignment)"}
+                                      "rule": CHOICE_RULE.format(headline=self.headline, guard=PPL_GUARD)}
         self.save()
         i, o = map(int, self.result["chosen_pair"]["attribute"].split("_"))
         return i, o
 
     def best(self, keys: list[str]) -> str:
         """The pair with the largest validation gain in the headline (its direction applied) among those within
-        the perplexity guard (all of them if none is), ties to the larger map-signal alignment."""
+        the perplexity guard (all of them if none is), ties to the lower perplexity. Not to the map signal: its
+        alignment is in the map's own units, which grow with the residual norm of deeper layers."""
         stage, measure = self.result["grid"], f"{self.attribute}_validation"
         guard = PPL_GUARD * self.result["grid_base"]["metrics"]["perplexity"]["value"]
         kept = [k for k in keys if stage[k][measure]["metrics"]["perplexity"]["value"] <= guard] or keys
         return max(kept, key=lambda k: (self.direction * stage[k][measure]["deltas"][self.headline]["value"],
-                                        stage[k]["map_signal"]["alignment"]["value"]))
+                                        -stage[k][measure]["metrics"]["perplexity"]["value"]))
 
     def evaluate(self, keys: list[str], arms: dict[str, Arm]) -> None:
         """The outcome measures of these grid pairs on validation (pairs already scored are kept)."""
@@ -384,7 +385,8 @@ def plot_grid(result: dict, layers: list[int], path: Path) -> None:
     attribute, headline = _measure(result)
     panels = [(f"Δ {headline} vs base, points\n({attribute}, validation)",
                lambda r: 100 * r[f"{attribute}_validation"]["deltas"][headline]["value"]),
-              (f"map-signal alignment\n({attribute}, validation triples)", lambda r: r["map_signal"]["alignment"]["value"]),
+              (f"map signal: Pearson r of scores and held-out Δρ\n({attribute}, validation triples)",
+               lambda r: r["map_signal"]["pearson"]),
               ("reward accuracy vs base\n(HH-RLHF, validation)", lambda r: r["hh_validation"]["reward_acc"]["value"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4))
     for ax, (title, value) in zip(axes, panels):
@@ -435,13 +437,14 @@ def markdown(result: dict) -> str:
     if "chosen_pair" in result:
         search, chosen = result.get("search", {}), result["chosen_pair"]
         lines += [f"Chosen pair ({chosen['rule']}): {chosen['attribute']}; HH validation's best: {chosen['hh']}; "
-                  f"largest map signal: {chosen['map_signal']}.",
+                  f"largest map-signal r: {chosen['map_signal']}.",
                   f"Search: {search.get('mode')}" + (f" (first round l_out = {search['anchor_out']}, then l_out from the "
                                                      f"best l_in); pairs scored: {sum(map(len, search['rounds']))} of "
                                                      f"{len(result['grid'])}" if search.get("anchor_out") else "") + ".",
                   "", "## Layer grid (validation)", "",
-                  f"| l_in_l_out | Δ {headline} (pp) | perplexity | map-signal alignment [95 % CI] | HH reward acc. % |",
-                  "|---|---|---|---|---|"]
+                  f"| l_in_l_out | Δ {headline} (pp) | perplexity | map-signal alignment, map units [95 % CI] | "
+                  "map-signal Pearson r (shuffled prompts) | HH reward acc. % |",
+                  "|---|---|---|---|---|---|"]
         if "grid_base" in result:
             lines.insert(-3, f"Base on the validation prompts: {headline} "
                              f"{_level(result['grid_base']['metrics'][headline])} %, perplexity "
@@ -454,7 +457,9 @@ def markdown(result: dict) -> str:
         measured = row.get(f"{attribute}_validation")  # None: not on the coordinate search's path
         outcome = (f"{_cell(measured['deltas'][headline])} | {measured['metrics']['perplexity']['value']:.2f}"
                    if measured else "— | —")
-        lines.append(f"| {key} | {outcome} | {_cell(row['map_signal']['alignment'], 1.0, 3)} | "
+        signal = row["map_signal"]
+        lines.append(f"| {key} | {outcome} | {_cell(signal['alignment'], 1.0, 3)} | "
+                     f"{signal['pearson']:.3f} ({signal['pearson_shuffled_prompts']:.3f}) | "
                      f"{_level(row['hh_validation']['reward_acc']) if 'hh_validation' in row else '—'} |")
     for split in ("validation", "test"):
         stage = result.get(f"arms_{split}")

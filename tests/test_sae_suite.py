@@ -129,6 +129,20 @@ def test_rerun_retrains_nothing_and_rescores_bar_only(suite, monkeypatch):
     assert all(row["bar"]["fvu"] for row in lenient["saes"])
 
 
+def test_generic_only_skips_the_fine_tunes_and_keeps_other_rows(suite, monkeypatch, tmp_path):
+    cfg, _, _, _ = suite
+    counters = Counters(monkeypatch)
+    fresh = run_suite(dataclasses.replace(cfg, output=str(tmp_path / "generic"), layers=[2], wide_layers=[],
+                                          variants=["generic"]))
+    assert counters.fills == ["generic"] and counters.trained == [("generic", "layer_2_w32")]
+    assert [row["name"] for row in fresh["saes"]] == ["generic/layer_2_w32"] and fresh["complete"]
+    assert not (tmp_path / "generic" / "preference").exists()
+    kept = run_suite(dataclasses.replace(cfg, variants=["generic"]))  # the full suite's preference rows stay recorded
+    assert counters.trained == [("generic", "layer_2_w32")] and len(kept["saes"]) == 6
+    assert [row["variant"] for row in kept["saes"]] == ["generic"] * 3 + ["preference"] * 3
+    assert "preference/layer_2_w64" in (Path(cfg.output) / "suite.md").read_text()
+
+
 def test_other_settings_are_refused_by_name(suite, monkeypatch):
     cfg, _, _, _ = suite
     counters = Counters(monkeypatch)
@@ -158,6 +172,10 @@ def test_config_refuses_test_roles_and_unheld_evaluation():
         SAESuiteConfig(eval_role="fit")
     with pytest.raises(ConfigError, match="wide_layers"):
         SAESuiteConfig(layers=[3], wide_layers=[9])
+    with pytest.raises(ConfigError, match="variants must include generic"):
+        SAESuiteConfig(variants=["preference"])
+    with pytest.raises(ConfigError, match="variants must be one of"):
+        SAESuiteConfig(variants=["generic", "domain"])
     entries = suite_entries(SAESuiteConfig(layers=[24, 9], wide_layers=[9]))  # every layer at --widths before the wide SAEs
     assert [entry.name for entry in entries] == ["generic/layer_9_w2560", "generic/layer_24_w2560", "generic/layer_9_w8192",
                                                  "preference/layer_9_w2560", "preference/layer_24_w2560",

@@ -15,8 +15,9 @@ Layout of OUTPUT: `generic/layer_L_wW/` and `preference/layer_L_wW/` (SAELens fo
 `train_log.jsonl`), `activations/<variant>/` while that variant still has SAEs to train (deleted
 after), `suite.json`, `suite.md`. A rerun resumes: finished SAEs are skipped, an interrupted SAE
 continues from its checkpoint, an interrupted extraction from its last chunk. A rerun with other
-settings is refused, except for the bar thresholds and the device, which change no SAE (the bar
-flags are recomputed).
+settings is refused, except for the bar thresholds, the device and `variants`, which change no SAE (the bar
+flags are recomputed; `--variants generic` trains the generic SAEs alone, and rows of SAEs a run leaves out
+stay recorded).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 Variant = Literal["generic", "preference"]
 VARIANTS: tuple[Variant, ...] = ("generic", "preference")
 BAR_METRICS = ("fvu", "dead_fraction", "loss_increase")
-UNSETTLED = ("output", "device", "max_fvu", "max_dead_fraction", "max_loss_increase")  # change no SAE
+UNSETTLED = ("output", "device", "variants", "max_fvu", "max_dead_fraction", "max_loss_increase")  # change no SAE
 
 
 @dataclass
@@ -55,6 +56,8 @@ class SAESuiteConfig(ModelOptions):
     wide_layers: list[int] = field(default_factory=list, metadata={
         "help": "Layers (of --layers) that also get SAEs of --wide-width latents, for the width ablation.", "ge": 0})
     wide_width: int = field(default=8192, metadata={"help": "Latents of the extra SAEs at --wide-layers.", "ge": 1})
+    variants: list[Variant] = field(default_factory=lambda: list(VARIANTS), metadata={
+        "help": "Variants to train: `generic` alone skips the preference-domain fine-tunes (a rerun with both adds them)."})
     k: int = field(default=96, metadata={
         "help": "Active latents per token (TopK) of every SAE; 96 met the bar at layer 24 where 64 did not.", "ge": 1})
     generic_roles: list[str] = field(default_factory=lambda: ["generic"], metadata={
@@ -96,6 +99,8 @@ class SAESuiteConfig(ModelOptions):
             tested = [role for role in _as_list(getattr(self, name)) if role in TEST_ROLES]
             if tested:
                 raise ConfigError(name, f"must not be a test role (SPLITS.md: held-out numbers only), got {tested[0]!r}")
+        if "generic" not in self.variants:
+            raise ConfigError("variants", f"must include generic (the preference-domain SAEs are fine-tuned from it), got {self.variants}")
         if self.eval_role in (*self.generic_roles, self.preference_role):
             raise ConfigError("eval_role", f"must be held out from training, but {self.eval_role!r} is a training corpus")
 
@@ -136,7 +141,7 @@ def suite_entries(cfg: SAESuiteConfig) -> list[SuiteEntry]:
     within a variant the wide SAEs come last, so an interrupted run already holds every layer at --widths."""
     pairs = sorted((layer, width) for layer in cfg.layers for width in cfg.widths)
     pairs += [(layer, cfg.wide_width) for layer in sorted(cfg.wide_layers) if cfg.wide_width not in cfg.widths]
-    return [SuiteEntry(variant, layer, width) for variant in VARIANTS for layer, width in pairs]
+    return [SuiteEntry(variant, layer, width) for variant in VARIANTS if variant in cfg.variants for layer, width in pairs]
 
 
 def run_suite(cfg: SAESuiteConfig) -> dict[str, Any]:
@@ -276,32 +281,31 @@ def _bar_flags(metrics: dict[str, float], bar: dict[str, float]) -> dict[str, bo
 
 
 def _write_report(out: Path, report: dict[str, Any], cfg: SAESuiteConfig, entries: list[SuiteEntry]) -> dict[str, Any]:
-    """Write suite.json (returned: its rows in suite order) and suite.md, each atomically; bar flags follow the
-    current thresholds."""
-    rows = []
-    for entry in entries:
-        row = report["saes"].get(entry.name)
-        if row is not None:
-            row["bar"] = _bar_flags(row["metrics"], cfg.bar())
-            row["passes"] = all(row["bar"].values())
-            rows.append(row)
+    """Write suite.json (returned: its rows in suite order, then rows of SAEs this run leaves out, e.g. another
+    --variants) and suite.md, each atomically; bar flags follow the current thresholds."""
+    names = [entry.name for entry in entries]
+    rows = [report["saes"][name] for name in names if name in report["saes"]]
+    others = [row for name, row in report["saes"].items() if name not in names]
+    for row in rows + others:
+        row["bar"] = _bar_flags(row["metrics"], cfg.bar())
+        row["passes"] = all(row["bar"].values())
     seconds = [part["seconds"] for part in report["extraction"].values()]
     seconds += [value for row in rows for value in row["seconds"].values() if value is not None]
     report["bar"] = cfg.bar()
     report["total_seconds"] = round(sum(seconds), 1)
     report["complete"] = len(rows) == len(entries)
-    written = {**report, "saes": rows}
+    written = {**report, "saes": rows + others}
     write_json(out / "suite.json", written)
     with atomic_path(out / "suite.md") as tmp:
-        tmp.write_text(_markdown(report, rows, len(entries)))
+        tmp.write_text(_markdown(report, rows + others, len(rows), len(entries)))
     return written
 
 
-def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], total: int) -> str:
+def _markdown(report: dict[str, Any], rows: list[dict[str, Any]], done: int, total: int) -> str:
     bar = report["bar"]
     settings = report["settings"]
     lines = [f"# SAE suite: {settings['model']} (weights {report['model_fingerprint']})", "",
-             f"{len(rows)} of {total} SAEs done; {report['total_seconds']:.0f} s of extraction, training and scoring "
+             f"{done} of {total} SAEs done; {report['total_seconds']:.0f} s of extraction, training and scoring "
              f"(each step timed in the run that finished it).",
              f"Scored on {settings['eval_n'] or 'all'} `{settings['eval_role']}` dialogues. Bar: FVU <= {bar['fvu']}, "
              f"dead <= {100 * bar['dead_fraction']:g} %, loss increase <= {bar['loss_increase']} nats.", "",

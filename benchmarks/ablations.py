@@ -286,8 +286,9 @@ class Ablations:
                                                 self.steering))
         preference = dataclasses.replace(ref, name="preference_sae", sae_in=sae_dir(s, "preference", i, w),
                                          sae_out=sae_dir(s, "preference", o, w))
-        wide = Arm("wide_sae", sae_dir(self.args.wide_suite or s, "generic", i, self.args.wide_width),
-                   sae_dir(self.args.wide_suite or s, "generic", o, self.args.wide_width), self.steering)
+        wide_suite, wide_width = self.args.wide_suite or s, self.args.wide_width
+        wide = Arm("wide_sae", sae_dir(wide_suite, "generic", i, wide_width), sae_dir(wide_suite, "generic", o, wide_width),
+                   self.steering)
         return [ref, *_if_trained(preference), *_if_trained(wide), *steering,
                 Arm("shipped_9_24", "default:in", "default:out", self.steering)]
 
@@ -497,7 +498,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=2560)
     ap.add_argument("--wide-width", type=int, default=8192)
     ap.add_argument("--wide-suite", type=Path, help="suite holding the wide SAEs (default: --suite); e.g. one trained "
-                    "after --grid-only at the chosen pair alone (`sae suite --layers I O --widths WIDE`)")
+                    "after --grid-only at the chosen pair alone (`sae suite --layers I O --widths WIDE --variants generic`)")
     ap.add_argument("--grid-only", action="store_true", help="stop after the layer grid (its choice written); a rerun "
                     "without it goes on to the arms")
     ap.add_argument("--val-n", type=int, default=100, help="validation prompts (of each kind, where there are two)")

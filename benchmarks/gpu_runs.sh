@@ -61,7 +61,7 @@ suite_then_ablations() {
   local pair
   pair=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['chosen_pair']['attribute'])" "$W/ablations/ablations.json")
   $PY -m saealign sae suite --data "$DATA" --output "$W/suite_wide" --layers "${pair%_*}" --layers "${pair#*_}" \
-    --widths "$WIDTH" "${WIDE[@]}" || return
+    --widths "$WIDTH" --variants generic "${WIDE[@]}" || return
   $PY "${ablate[@]}" --wide-suite "$W/suite_wide" --wide-width "$WIDTH"
 }
 

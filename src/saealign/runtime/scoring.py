@@ -23,7 +23,7 @@ import inspect
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Literal, Sequence
 
@@ -277,7 +277,7 @@ def save_scores(path: Path, scores: SequenceScores) -> None:
 def load_scores(path: Path) -> SequenceScores:
     """Scores written by `save_scores`, checked by `load_tensors`."""
     t = load_tensors(path)
-    return SequenceScores(*(t[k].numpy() for k in ("logp_chosen", "logp_rejected", "len_chosen", "len_rejected")))
+    return SequenceScores(**{f.name: t[f.name].numpy() for f in fields(SequenceScores)})
 
 
 def base_scores_cached(model, tokenizer, triples, max_length: int = 1024, progress: bool = True) -> SequenceScores:

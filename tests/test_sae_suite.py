@@ -136,6 +136,7 @@ def test_generic_only_skips_the_fine_tunes_and_keeps_other_rows(suite, monkeypat
                                           variants=["generic"]))
     assert counters.fills == ["generic"] and counters.trained == [("generic", "layer_2_w32")]
     assert [row["name"] for row in fresh["saes"]] == ["generic/layer_2_w32"] and fresh["complete"]
+    assert fresh["variants"] == ["generic"]
     assert not (tmp_path / "generic" / "preference").exists()
     kept = run_suite(dataclasses.replace(cfg, variants=["generic"]))  # the full suite's preference rows stay recorded
     assert counters.trained == [("generic", "layer_2_w32")] and len(kept["saes"]) == 6

@@ -293,6 +293,7 @@ def _write_report(out: Path, report: dict[str, Any], cfg: SAESuiteConfig, entrie
     seconds += [value for row in rows for value in row["seconds"].values() if value is not None]
     report["bar"] = cfg.bar()
     report["total_seconds"] = round(sum(seconds), 1)
+    report["variants"] = cfg.variants  # what "complete" refers to (the setting changes no SAE, so it is not a setting)
     report["complete"] = len(rows) == len(entries)
     written = {**report, "saes": rows + others}
     write_json(out / "suite.json", written)

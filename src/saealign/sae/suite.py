@@ -285,20 +285,20 @@ def _write_report(out: Path, report: dict[str, Any], cfg: SAESuiteConfig, entrie
     --variants) and suite.md, each atomically; bar flags follow the current thresholds."""
     names = [entry.name for entry in entries]
     rows = [report["saes"][name] for name in names if name in report["saes"]]
-    others = [row for name, row in report["saes"].items() if name not in names]
-    for row in rows + others:
+    recorded = rows + [row for name, row in report["saes"].items() if name not in names]
+    for row in recorded:
         row["bar"] = _bar_flags(row["metrics"], cfg.bar())
         row["passes"] = all(row["bar"].values())
-    seconds = [part["seconds"] for part in report["extraction"].values()]
-    seconds += [value for row in rows for value in row["seconds"].values() if value is not None]
+    seconds = [part["seconds"] for part in report["extraction"].values()]  # every variant's, so every row's too
+    seconds += [value for row in recorded for value in row["seconds"].values() if value is not None]
     report["bar"] = cfg.bar()
     report["total_seconds"] = round(sum(seconds), 1)
     report["variants"] = cfg.variants  # what "complete" refers to (the setting changes no SAE, so it is not a setting)
     report["complete"] = len(rows) == len(entries)
-    written = {**report, "saes": rows + others}
+    written = {**report, "saes": recorded}
     write_json(out / "suite.json", written)
     with atomic_path(out / "suite.md") as tmp:
-        tmp.write_text(_markdown(report, rows + others, len(rows), len(entries)))
+        tmp.write_text(_markdown(report, recorded, len(rows), len(entries)))
     return written
 
 
